@@ -21,10 +21,10 @@ from .configuration import LlavaJpConfig
 from .modeling import LlavaJpForConditionalGeneration
 from .processing import LlavaJpProcessor
 from .templates import get_template
-from .tokenizer import build_char_tokenizer
+from .tokenizer import build_bpe_tokenizer, build_char_tokenizer
 
 PRESET_DIR = Path(__file__).parent / "presets"
-BUILTIN_CHAR_TOKENIZER = "builtin:char-ja"
+BUILTIN_TOKENIZERS = {"builtin:char-ja": build_char_tokenizer, "builtin:bpe-ja": build_bpe_tokenizer}
 
 
 @dataclass
@@ -100,8 +100,8 @@ def load_preset(name_or_path: str | Path) -> Preset:
 
 # -- pieces ----------------------------------------------------------------------------------
 def load_tokenizer(name_or_path: str):
-    if name_or_path == BUILTIN_CHAR_TOKENIZER:
-        return build_char_tokenizer()
+    if name_or_path in BUILTIN_TOKENIZERS:
+        return BUILTIN_TOKENIZERS[name_or_path]()
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
@@ -219,7 +219,7 @@ def count_parameters(preset: Preset | str | None = None, model: LlavaJpForCondit
         if isinstance(preset, str):
             preset = load_preset(preset)
         tokenizer = None
-        if preset.tokenizer == BUILTIN_CHAR_TOKENIZER or "vocab_size" not in preset.language_model.config:
+        if preset.tokenizer in BUILTIN_TOKENIZERS or "vocab_size" not in preset.language_model.config:
             tokenizer = load_tokenizer(preset.tokenizer)
         config = build_config(preset, pretrained=False, tokenizer=tokenizer)
         with torch.device("meta"):

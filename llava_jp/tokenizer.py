@@ -1,12 +1,14 @@
-"""A character-level Japanese tokenizer for the tiny preset (no download needed).
+"""Small Japanese tokenizers built offline, for the tiny preset, tests and the quickstart.
 
-Real presets use the LM's own tokenizer from the hub; this one exists so tests and the
-quickstart run offline. One token per character, so answers round-trip exactly.
+Real presets use the LM's own tokenizer from the hub. `build_char_tokenizer` gives one token
+per character; `build_bpe_tokenizer` a byte-level BPE trained (deterministically, in well
+under a second) on the templates and the synthetic data's words, so prompts are short, as
+with a real tokenizer, and any text still round-trips through bytes.
 """
 
 from __future__ import annotations
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from .templates import LLM_JP_V1_SYSTEM
@@ -42,3 +44,25 @@ def build_char_tokenizer(extra_characters: str = "") -> PreTrainedTokenizerFast:
         tokenizer_object=core, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, unk_token=UNK_TOKEN,
         model_max_length=4096,
     )
+
+
+def _bpe_corpus() -> list[str]:
+    from .synthetic import COLOURS, QUESTIONS, SHAPES
+    from .templates import TEMPLATES
+
+    texts = [t.system + t.user_prefix + t.assistant_prefix + t.turn_separator + t.user_prefix for t in TEMPLATES.values()]
+    texts += list(QUESTIONS.values()) + list(COLOURS) + list(SHAPES) + [str(d) for d in range(10)]
+    texts += [f"{c}色の{s}と数字の{d}。" for c in COLOURS for s in SHAPES for d in range(10)]
+    return texts * 4 + list(base_characters())
+
+
+def build_bpe_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the templates and synthetic-data vocabulary."""
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD_TOKEN, UNK_TOKEN, EOS_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator(_bpe_corpus(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, unk_token=UNK_TOKEN,
+                                   model_max_length=4096, clean_up_tokenization_spaces=False)
