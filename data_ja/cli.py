@@ -1,0 +1,34 @@
+"""`python -m data_ja <command>` (also `llava-jp data <command>`): convert, translate, check, mix."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import check, convert, mix, translate
+
+COMMANDS = {
+    "convert": (convert, "turing-motors Japanese LLaVA sets -> training format"),
+    "translate": (translate, "English LLaVA-format file -> Japanese (API or local model)"),
+    "check": (check, "validate a training file against its images and tokenizer"),
+    "mix": (mix, "build a training mixture from a YAML list of sources"),
+}
+
+
+def build_parser(prog: str = "python -m data_ja") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        module.add_arguments(commands.add_parser(name, help=help_text, description=module.__doc__,
+                                                 formatter_class=argparse.RawDescriptionHelpFormatter))
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m data_ja") -> int:
+    """Runs one data command; returns its exit status."""
+    args = build_parser(prog).parse_args(argv)
+    return COMMANDS[args.command][0].run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
