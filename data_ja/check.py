@@ -1,9 +1,11 @@
 """`check`: validate a training file against its image folder and tokenizer before training.
 
-Errors (anything that would break or silently spoil training): malformed samples, empty turns,
-unknown roles, wrong turn order, `<image>` count not matching the image key, missing or
-unreadable images, samples longer than --max-length tokens. Warnings: text that is not
-Japanese, exact duplicates, repeated ids. Writes report.json, summary.md and length_hist.png.
+Errors (the sample would crash training or be dropped by the trainer): malformed samples,
+empty turns, unknown roles, wrong turn order, `<image>` count not matching the image key,
+missing or unreadable images, samples whose image or first answer does not fit in
+--max-length tokens. Warnings: samples the trainer truncates, text that is not Japanese, exact
+duplicates, repeated ids. Token lengths come from the core's processor, exactly as training
+builds the sequences. Writes report.json, summary.md and length_hist.png.
 """
 
 from __future__ import annotations
@@ -17,36 +19,17 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 from PIL import Image
 from tqdm import tqdm
 
-from .conversation import (DEFAULT_MIN_JAPANESE_SHARE, IMAGE_TAG, image_paths, japanese_share,
+from .conversation import (DEFAULT_MIN_JAPANESE_SHARE, image_paths, japanese_share,
                            normalize_conversation, sample_text, validate_sample)
 from .records import load_records, write_json
 
 ERRORS = ("malformed_sample", "empty_turn", "bad_role", "bad_turn_order", "image_tag_mismatch",
           "missing_image", "corrupt_image", "too_long")
-WARNINGS = ("not_japanese", "duplicate", "duplicate_id")
-
-
-class _TemplateText(NamedTuple):
-    """What a prompt template adds around the turns. Mirrors llava_jp.templates until the
-    checker can render through it."""
-    system: str
-    user_prefix: str
-    answer_prefix: str
-    end_tokens_per_answer: int
-    keeps_user_text: bool
-
-
-_TEMPLATES = {
-    "llm-jp-v1": _TemplateText("これは好奇心旺盛なユーザーと人工知能システムのチャットです。"
-                               "システムはユーザーの質問に親切、詳細、丁寧に答える。",
-                               " ユーザー: ", " システム: ", 1, True),
-    "plain": _TemplateText("", "", "\n", 0, False),  # <image>{caption}\n: the question is dropped
-}
+WARNINGS = ("truncated", "not_japanese", "duplicate", "duplicate_id")
 
 
 @dataclass
@@ -87,30 +70,44 @@ def find_image_issues(samples: list, image_folder: str, workers: int = 8) -> lis
     return issues
 
 
-def token_lengths(samples: list[dict], tokenizer, num_image_tokens: int,
-                  template: str = "llm-jp-v1", chunk: int = 2048) -> list[int]:
-    """Training sequence length of each (well-formed) sample: text tokens of every turn, image
-    placeholder tokens, and the template's own text."""
-    def count(texts: list[str]) -> list[int]:
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+def _text_processor(tokenizer, template: str, num_image_tokens: int):
+    """The core's processor, used for text only (its image processor is never called)."""
+    from transformers import SiglipImageProcessor
 
-    spec = _TEMPLATES[template]
-    fixed, per_user, per_answer = count([spec.system, spec.user_prefix, spec.answer_prefix])
-    texts, owners, roles = [], [], []
-    for index, sample in enumerate(samples):
-        for turn in normalize_conversation(sample["conversations"]):
-            if turn["role"] == "user" and not spec.keeps_user_text:
-                continue
-            texts.append(turn["content"].replace(IMAGE_TAG, ""))
-            owners.append(index)
-            roles.append(turn["role"])
-    lengths = [fixed + num_image_tokens * len(image_paths(s)) for s in samples]
-    for start in tqdm(range(0, len(texts), chunk), desc="tokenize", unit="chunk"):
-        for n, owner, role in zip(count(texts[start:start + chunk]), owners[start:start + chunk],
-                                  roles[start:start + chunk]):
-            lengths[owner] += n + (per_user if role == "user"
-                                   else per_answer + spec.end_tokens_per_answer)
-    return lengths
+    from llava_jp.processing import LlavaJpProcessor
+
+    return LlavaJpProcessor(SiglipImageProcessor(), tokenizer, template=template,
+                            num_image_tokens=num_image_tokens)
+
+
+def encode_for_training(sample: dict, processor) -> dict:
+    """`input_ids` and `labels` of a well-formed sample, built as the trainer builds them."""
+    from llava_jp.templates import plain_caption_messages
+
+    messages = normalize_conversation(sample["conversations"], sample.get("id"))
+    if processor.template == "plain":
+        messages = plain_caption_messages(messages)
+    if messages[-1]["role"] != "assistant":
+        messages = messages[:-1]  # the trainer drops a trailing question
+    return processor.encode_conversation(messages)
+
+
+def length_issue(encoded: dict, max_length: int, image_token_id: int) -> tuple[str, str] | None:
+    """too_long when the trainer must drop the sample (its image or first answer does not fit),
+    truncated when it keeps only the answers that fit; None when the sample fits."""
+    from llava_jp.modeling import IGNORE_INDEX
+
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    if len(ids) <= max_length:
+        return None
+    first_answer_end = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    while first_answer_end < len(labels) and labels[first_answer_end] != IGNORE_INDEX:
+        first_answer_end += 1
+    if image_token_id in ids[:max_length] and image_token_id in ids[max_length:]:
+        return "too_long", f"{len(ids)} tokens: the image does not fit in {max_length}"
+    if first_answer_end > max_length:
+        return "too_long", f"{len(ids)} tokens: the first answer does not fit in {max_length}"
+    return "truncated", f"{len(ids)} tokens > {max_length}: the answers past it are cut"
 
 
 def _length_stats(lengths: list[int], max_length: int) -> dict:
@@ -183,10 +180,13 @@ def check_dataset(samples: list, image_folder: str | None = None, tokenizer=None
         issues += find_image_issues(samples, image_folder, workers)
     lengths = []
     if tokenizer is not None:
-        lengths = token_lengths([samples[i] for i in well_formed], tokenizer, num_image_tokens,
-                                template)
-        issues += [Issue(i, samples[i].get("id"), "too_long", f"{n} tokens > {max_length}")
-                   for i, n in zip(well_formed, lengths) if n > max_length]
+        processor = _text_processor(tokenizer, template, num_image_tokens)
+        for index in tqdm(well_formed, desc="tokenize", unit="sample"):
+            encoded = encode_for_training(samples[index], processor)
+            lengths.append(len(encoded["input_ids"]))
+            found = length_issue(encoded, max_length, processor.image_token_id)
+            if found:
+                issues.append(Issue(index, samples[index].get("id"), *found))
     issues.sort(key=lambda issue: (issue.index, issue.kind))
     return issues, lengths
 
@@ -249,8 +249,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=1532)
     parser.add_argument("--num-image-tokens", type=int, default=729,
                         help="placeholder tokens per image (729 for SigLIP-384, S2 or not)")
-    parser.add_argument("--template", choices=sorted(_TEMPLATES), default="llm-jp-v1",
-                        help="prompt template whose text counts toward the length")
+    parser.add_argument("--template", default="llm-jp-v1",
+                        help="prompt template the data trains with: llm-jp-v1 (stage 2) or plain "
+                        "(stage 1)")
     parser.add_argument("--min-japanese-share", type=float, default=DEFAULT_MIN_JAPANESE_SHARE)
     parser.add_argument("--out-dir", help="where reports go (default: DATA.check)")
     parser.add_argument("--workers", type=int, default=8, help="threads decoding images")

@@ -15,19 +15,24 @@ COMMANDS = {
 }
 
 
-def build_parser(prog: str = "python -m data_ja") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the data commands as subcommands of `parser` (`llava-jp data` routes here)."""
+    commands = parser.add_subparsers(dest="data_command", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        module.add_arguments(commands.add_parser(name, help=help_text, description=module.__doc__,
-                                                 formatter_class=argparse.RawDescriptionHelpFormatter))
-    return parser
+        module.add_arguments(commands.add_parser(
+            name, help=help_text, description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def run(args: argparse.Namespace) -> int:
+    return COMMANDS[args.data_command][0].run(args)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m data_ja") -> int:
     """Runs one data command; returns its exit status."""
-    args = build_parser(prog).parse_args(argv)
-    return COMMANDS[args.command][0].run(args)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

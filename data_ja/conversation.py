@@ -1,8 +1,8 @@
 """LLaVA-format samples: roles, `<image>` tags, sample validation, Japanese share.
 
-A sample is `{"id", "image"?: str | list[str], "conversations": [{"from", "value"}]}`.
+A sample is `{"id", "image"?: str, "conversations": [{"from", "value"}]}`.
 `validate_sample` is the single definition of "well-formed" shared by `convert` (drop) and
-`check` (report).
+`check` (report), and it follows the trainer's rules (llava_jp.train).
 """
 
 from __future__ import annotations
@@ -10,29 +10,17 @@ from __future__ import annotations
 import re
 import unicodedata
 
-IMAGE_TAG = "<image>"
+IMAGE_TAG = "<image>"  # llava_jp.templates.IMAGE_MARKER (not imported: see normalize_conversation)
 DEFAULT_MIN_JAPANESE_SHARE = 0.3
 LLAVA_ROLE = {"user": "human", "assistant": "gpt"}
 
-_ROLE_ALIASES = {
-    "human": "user", "user": "user", "ユーザー": "user",
-    "gpt": "assistant", "assistant": "assistant", "システム": "assistant",
-}
 
+def normalize_conversation(raw: list[dict], sample_id: object = None) -> list[dict]:
+    """`llava_jp.templates.normalize_conversation`, imported on first use: importing llava_jp
+    loads torch and the model classes, which `translate` and `mix` do not need."""
+    from llava_jp.templates import normalize_conversation as core_normalize
 
-def normalize_conversation(raw: list[dict]) -> list[dict]:
-    """LLaVA turns -> `[{"role": "user"|"assistant", "content": str}]`.
-
-    Stand-in with the contract of `llava_jp.templates.normalize_conversation` (raises
-    ValueError naming the bad role and turn); replaced by the core's once it lands.
-    """
-    out = []
-    for i, turn in enumerate(raw):
-        role = _ROLE_ALIASES.get(turn.get("from"))
-        if role is None:
-            raise ValueError(f"turn {i}: unknown role {turn.get('from')!r}")
-        out.append({"role": role, "content": turn.get("value")})
-    return out
+    return core_normalize(raw, sample_id)
 
 
 def image_paths(sample: dict) -> list[str]:
@@ -44,9 +32,10 @@ def image_paths(sample: dict) -> list[str]:
 
 
 def validate_sample(sample) -> list[tuple[str, str]]:
-    """Every reason the sample would break training, as `(code, detail)` pairs.
+    """Every reason the trainer would reject the sample, as `(code, detail)` pairs.
 
-    Codes: malformed_sample, empty_turn, bad_role, bad_turn_order, image_tag_mismatch.
+    Codes: malformed_sample, empty_turn, bad_role, bad_turn_order, image_tag_mismatch. A
+    trailing user turn is allowed (the trainer drops it).
     """
     if not isinstance(sample, dict):
         return [("malformed_sample", f"sample is {type(sample).__name__}, not an object")]
@@ -55,21 +44,19 @@ def validate_sample(sample) -> list[tuple[str, str]]:
         return [("malformed_sample", "missing or empty 'conversations'")]
     if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
         return [("malformed_sample", "every turn needs a string 'value'")]
-    image = sample.get("image")
-    if image is not None and not isinstance(image, str) and not (
-            isinstance(image, list) and all(isinstance(p, str) for p in image)):
-        return [("malformed_sample", "'image' must be a path or a list of paths")]
+    if sample.get("image") is not None and not isinstance(sample["image"], str):
+        return [("malformed_sample", "'image' must be one path (one image per sample)")]
 
     issues = [("empty_turn", f"turn {i} is empty")
               for i, t in enumerate(turns) if not t["value"].strip()]
     try:
-        roles = [t["role"] for t in normalize_conversation(turns)]
+        roles = [m["role"] for m in normalize_conversation(turns)]
     except ValueError as err:
         return issues + [("bad_role", str(err))]
-    expected = ["user", "assistant"] * (len(roles) // 2 + 1)
-    if roles != expected[:len(roles)] or roles[-1] != "assistant":
-        issues.append(("bad_turn_order", "roles must alternate user/assistant, "
-                       f"starting with user and ending with assistant: {roles}"))
+    alternating = ["user", "assistant"] * (len(roles) // 2 + 1)
+    if roles != alternating[:len(roles)] or "assistant" not in roles:
+        issues.append(("bad_turn_order", "roles must alternate user/assistant, starting with "
+                       f"user, with at least one answer: {roles}"))
     n_images = len(image_paths(sample))
     user_tags = sum(t["value"].count(IMAGE_TAG) for t, r in zip(turns, roles) if r == "user")
     answer_tags = sum(t["value"].count(IMAGE_TAG) for t, r in zip(turns, roles) if r != "user")

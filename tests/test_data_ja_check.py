@@ -7,9 +7,10 @@ import pytest
 from PIL import Image
 from transformers import AutoTokenizer
 
-from data_ja.check import ERRORS, WARNINGS, _TEMPLATES, token_lengths
+from data_ja.check import ERRORS, WARNINGS, check_dataset
 from data_ja.cli import main
-from test_data_ja_support import build_char_tokenizer
+from llava_jp.templates import LLM_JP_V1_SYSTEM
+from llava_jp.tokenizer import build_char_tokenizer
 
 CLEAN = [
     {"id": "c0", "image": "coco/0.jpg", "conversations": [
@@ -40,6 +41,9 @@ PLANTED = {  # id -> the one defect planted in that sample
     "long": ("too_long", {"image": "coco/0.jpg", "conversations": [
         {"from": "human", "value": "<image>\n詳しく説明してください。"},
         {"from": "gpt", "value": "とても長い説明です。" * 90}]}),
+    "cut": ("truncated", {"image": "coco/1.png", "conversations": [
+        {"from": "human", "value": "<image>\n短く答えて。"}, {"from": "gpt", "value": "はい。"},
+        {"from": "human", "value": "では詳しく。"}, {"from": "gpt", "value": "長い話です。" * 150}]}),
     "english": ("not_japanese", {"conversations": [
         {"from": "human", "value": "What is the capital of Japan?"},
         {"from": "gpt", "value": "Tokyo is the capital."}]}),
@@ -62,8 +66,8 @@ def workspace(tmp_path_factory):
     (images / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # header fine, pixels cut
     text = "".join(t["value"] for s in CLEAN + [v for _, v in PLANTED.values()]
                    for t in s.get("conversations", []))
-    template_text = "".join(_TEMPLATES["llm-jp-v1"][:3])
-    tokenizer = build_char_tokenizer(text + template_text, root / "tokenizer")
+    tokenizer = root / "tokenizer"
+    build_char_tokenizer(text).save_pretrained(tokenizer)
     defective = CLEAN + [{"id": i, **sample} for i, (_, sample) in PLANTED.items()]
     for name, samples in (("clean", CLEAN), ("defective", defective)):
         (root / f"{name}.json").write_text(json.dumps(samples, ensure_ascii=False), "utf-8")
@@ -85,7 +89,7 @@ def test_every_planted_defect_is_found_and_nothing_else(workspace):
     assert status == 1 and report["ok"] is False
     assert set(report["errors"]) == set(ERRORS) and set(report["warnings"]) == set(WARNINGS)
     assert report["samples_with_errors"] == 8
-    assert report["token_lengths"]["over_max_length"] == 1
+    assert report["token_lengths"]["over_max_length"] == 2
     summary = (out / "summary.md").read_text("utf-8")
     assert "NOT OK" in summary and "| error | corrupt_image | 1 | corrupt |" in summary
     with Image.open(out / "length_hist.png") as png:
@@ -105,14 +109,14 @@ def test_errors_fail_only_in_strict_mode(workspace):
     assert status == 0 and report["ok"] is False
 
 
-def test_token_lengths_count_text_image_placeholders_and_template(workspace):
+def test_token_lengths_are_the_training_sequence_lengths(workspace):
     _, tokenizer_path = workspace
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    system, user, answer, end_tokens, _ = _TEMPLATES["llm-jp-v1"]
     # One token per character; the newline after <image> stays part of the text.
     question, reply = "\nバスは何色ですか？", "バスは白と赤です。"
-    expected = (len(system) + len(user) + len(question) + len(answer) + len(reply)
-                + end_tokens + 729)
-    assert token_lengths([CLEAN[0]], tokenizer, 729) == [expected]
+    stage2 = (len(LLM_JP_V1_SYSTEM + " ユーザー: ") + 729 + len(question + " システム: " + reply)
+              + 1)  # + the end token
+    assert check_dataset([CLEAN[0]], tokenizer=tokenizer)[1] == [stage2]
     # Stage 1 ("plain"): <image>{caption}\n, the question is not part of the sequence.
-    assert token_lengths([CLEAN[0]], tokenizer, 729, "plain") == [729 + len(reply) + 1]
+    assert check_dataset([CLEAN[0]], tokenizer=tokenizer, template="plain")[1] == \
+        [729 + len(reply) + 1]

@@ -81,3 +81,18 @@ def test_random_sampling_is_seeded(sources):
 def test_config_errors_name_the_field(config, message):
     with pytest.raises(ValueError, match=message):
         parse_config(config)
+
+
+def test_data_commands_route_under_a_parent_command(sources):
+    """`llava-jp data mix ...`: the core's CLI adds data_ja.cli's arguments under `data`."""
+    import argparse
+
+    from data_ja import cli
+
+    parent = argparse.ArgumentParser(prog="llava-jp")
+    cli.add_arguments(parent.add_subparsers(dest="command").add_parser("data"))
+    config = sources / "one.yaml"
+    config.write_text(yaml.safe_dump({"sources": [{"path": "a.json", "first": 2}]}), "utf-8")
+    args = parent.parse_args(["data", "mix", str(config), "--out", str(sources / "one.json")])
+    assert cli.run(args) == 0
+    assert len(json.loads((sources / "one.json").read_text(encoding="utf-8"))) == 2

@@ -8,13 +8,17 @@ import string
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, T5Config,
+                          T5ForConditionalGeneration)
 
 from data_ja.backends import SINGLE_PROMPT, TransformersBackend
 from data_ja.cli import main
-from test_data_ja_support import SPECIAL_TOKENS, build_char_tokenizer
 
-VOCAB = len(SPECIAL_TOKENS) + len(set(string.printable + "⟦⟧"))
+# ASCII only (unlike llava_jp.tokenizer's): whatever a random model emits is then not Japanese.
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[EOS]"]
+CHARACTERS = sorted(set(string.printable + "⟦⟧"))
+VOCAB = len(SPECIAL_TOKENS) + len(CHARACTERS)
 ENGLISH = [
     {"id": "a", "image": "a.jpg", "conversations": [
         {"from": "human", "value": "<image>\nWhat is on the table?"},
@@ -26,9 +30,18 @@ GARBAGE_REASONS = {"empty", "not Japanese", "placeholders changed", "line breaks
                    "numbers lost", "implausible length"}
 
 
+def _save_ascii_tokenizer(directory):
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]",
+                            eos_token="[EOS]").save_pretrained(directory)
+
+
 def _build(kind, directory):
     torch.manual_seed(0)
-    build_char_tokenizer(string.printable + "⟦⟧", directory)
+    _save_ascii_tokenizer(directory)
     if kind == "causal":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=1024, n_embd=16,
                                            n_layer=1, n_head=2, bos_token_id=2, eos_token_id=2))
