@@ -79,7 +79,7 @@ def _japanese_turn_text(turn: dict, row_has_jp: bool, fixes: list[str]) -> str:
     return text
 
 
-def convert_row(row, index: int, id_prefix: str = "",
+def convert_row(row, index: int, id_prefix: str = "row-",
                 min_japanese_share: float = DEFAULT_MIN_JAPANESE_SHARE) -> tuple[dict, list[str]]:
     """One hub row -> (training sample, fixes applied). Raises Dropped."""
     if not isinstance(row, dict) or not isinstance(row.get("conversations"), list) \
@@ -125,7 +125,7 @@ def convert_row(row, index: int, id_prefix: str = "",
     return sample, sorted(set(fixes))
 
 
-def convert(source: str, out: str, split: str = "train", id_prefix: str = "",
+def convert(source: str, out: str, split: str = "train", id_prefix: str = "row-",
             min_japanese_share: float = DEFAULT_MIN_JAPANESE_SHARE) -> ConvertReport:
     """Converts every row of `source` (hub id or local file) and writes the kept ones to `out`."""
     report = ConvertReport()
@@ -163,7 +163,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output JSON list (training format)")
     parser.add_argument("--report", help="write the counts as JSON here (default: OUT.report.json)")
     parser.add_argument("--split", default="train", help="hub split (default: train)")
-    parser.add_argument("--id-prefix", default="", help="prefix for ids assigned to id-less rows")
+    parser.add_argument("--id-prefix", default="row-",
+                        help="ids given to id-less rows are this prefix + the row number")
     parser.add_argument("--min-japanese-share", type=float, default=DEFAULT_MIN_JAPANESE_SHARE,
                         help="drop samples whose letters are less Japanese than this")
 

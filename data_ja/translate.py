@@ -197,13 +197,18 @@ def translate_texts(texts: Iterable[str], backend: Backend, cache: TranslationCa
                 if len(in_flight) >= 2 * workers:
                     return
 
-        refill()
-        while in_flight:
-            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-            for future in done:
-                bar.update(in_flight.pop(future))
-                failures.update(future.result())
+        try:
             refill()
+            while in_flight:
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    bar.update(in_flight.pop(future))
+                    failures.update(future.result())
+                refill()
+        except BaseException:
+            # Ctrl-C: requests already sent finish (and are cached); queued ones never start.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return failures
 
 
@@ -298,9 +303,14 @@ def run(args: argparse.Namespace) -> int:
                                       max_new_tokens=args.max_new_tokens, device=args.device,
                                       forced_bos_token=args.forced_bos_token)
         workers = 1
-    report = translate_dataset(args.source, args.out, backend,
-                               args.cache or f"{args.out}.cache.jsonl",
-                               args.failed or f"{args.out}.failed.json",
-                               workers, args.retries, args.retry_wait)
+    cache = args.cache or f"{args.out}.cache.jsonl"
+    try:
+        report = translate_dataset(args.source, args.out, backend, cache,
+                                   args.failed or f"{args.out}.failed.json",
+                                   workers, args.retries, args.retry_wait)
+    except KeyboardInterrupt:
+        print(f"interrupted: translations so far are kept in {cache}; run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
     print(json.dumps(report, ensure_ascii=False, indent=2), file=sys.stderr)
     return 1 if report["samples_failed"] else 0

@@ -67,7 +67,7 @@ def _convert(tmp_path, rows, suffix=".json"):
     else:
         pq.write_table(pa.Table.from_pylist(rows), src)
     out = tmp_path / f"out{suffix}.json"
-    report = convert(str(src), str(out), id_prefix="row-")
+    report = convert(str(src), str(out))
     return json.loads(out.read_text(encoding="utf-8")), report
 
 
