@@ -1,4 +1,4 @@
-"""`python -m data_ja <command>` (also `llava-jp data <command>`): convert, translate, check, mix."""
+"""`python -m data_ja <command>` (or `llava-jp data <command>`): convert, translate, check, mix."""
 
 from __future__ import annotations
 

@@ -180,7 +180,8 @@ def _translate_batch(sources: list[str], backend: Backend, cache: TranslationCac
 
 
 def translate_texts(texts: Iterable[str], backend: Backend, cache: TranslationCache,
-                    workers: int = 1, retries: int = 3, retry_wait: float = 1.0) -> dict[str, Failure]:
+                    workers: int = 1, retries: int = 3,
+                    retry_wait: float = 1.0) -> dict[str, Failure]:
     """Translates every distinct text not already cached; returns the ones that failed."""
     todo = [t for t in dict.fromkeys(texts) if needs_translation(t) and cache.get(t) is None]
     batches = iter([todo[i:i + backend.batch_size]
@@ -228,8 +229,8 @@ def translate_dataset(source: str, out: str, backend: Backend, cache_path: str,
     cached_before = sum(1 for t in set(texts) if cache.get(t) is not None)
     try:
         failures = translate_texts(texts, backend, cache, workers, retries, retry_wait)
-        items = [{"index": i, "id": None, "turn": None, "reason": "malformed_sample"}
-                 for i in sorted(malformed)]
+        items = [{"index": i, "id": samples[i].get("id") if isinstance(samples[i], dict) else None,
+                  "turn": None, "reason": "malformed_sample"} for i in sorted(malformed)]
         with JsonListWriter(out) as writer:
             for i, sample in enumerate(samples):
                 if i in malformed:

@@ -192,8 +192,9 @@ def test_translates_preserving_structure_and_reports_what_failed(tmp_path, api):
 
     failed = json.loads((tmp_path / "ja.json.failed.json").read_text(encoding="utf-8"))
     assert failed["samples_failed"] == 1 and failed["texts_failed"] == 1
-    assert failed["items"] == [{"index": 9, "id": "s9", "turn": 0, "source": bad["conversations"][0]["value"],
-                                "reason": "not Japanese", "output": "⟦0⟧\nUNTRANSLATABLE words stay in English"}]
+    assert failed["items"] == [{
+        "index": 9, "id": "s9", "turn": 0, "source": bad["conversations"][0]["value"],
+        "reason": "not Japanese", "output": "⟦0⟧\nUNTRANSLATABLE words stay in English"}]
     # Every text once, the untranslatable one 3 times (2 retries), the flaky one twice.
     assert len(server.requests) == UNIQUE_TRANSLATABLE + 1 + 3 + 2 + 1
     assert "⟦0⟧" in server.requests[0] and "<image>" not in "".join(server.requests)

@@ -24,7 +24,8 @@ ENGLISH = [
         {"from": "human", "value": "<image>\nWhat is on the table?"},
         {"from": "gpt", "value": "A cup of tea."}]},
     {"id": "b", "conversations": [
-        {"from": "human", "value": "Name 2 fruits."}, {"from": "gpt", "value": "Apples and pears."}]},
+        {"from": "human", "value": "Name 2 fruits."},
+        {"from": "gpt", "value": "Apples and pears."}]},
 ]
 GARBAGE_REASONS = {"empty", "not Japanese", "placeholders changed", "line breaks changed",
                    "numbers lost", "implausible length"}
