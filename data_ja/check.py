@@ -4,8 +4,9 @@ Errors (the sample would crash training or be dropped by the trainer): malformed
 empty turns, unknown roles, wrong turn order, `<image>` count not matching the image key,
 missing or unreadable images, samples whose image or first answer does not fit in
 --max-length tokens. Warnings: samples the trainer truncates, text that is not Japanese, exact
-duplicates, repeated ids. Token lengths come from the core's processor, exactly as training
-builds the sequences. Writes report.json, summary.md and length_hist.png.
+duplicates, repeated ids. Token lengths and the length verdicts come from the trainer's own
+encoding (`llava_jp.train.data.encode_record`); `trainer_rejects` is any other sample it would
+drop. Writes report.json, summary.md and length_hist.png.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from .conversation import (DEFAULT_MIN_JAPANESE_SHARE, image_paths, japanese_share,
-                           normalize_conversation, sample_text, validate_sample)
+                           sample_text, validate_sample)
 from .records import load_records, write_json
 
 ERRORS = ("malformed_sample", "empty_turn", "bad_role", "bad_turn_order", "image_tag_mismatch",
-          "missing_image", "corrupt_image", "too_long")
+          "missing_image", "corrupt_image", "too_long", "trainer_rejects")
 WARNINGS = ("truncated", "not_japanese", "duplicate", "duplicate_id")
 
 
@@ -80,34 +81,25 @@ def _text_processor(tokenizer, template: str, num_image_tokens: int):
                             num_image_tokens=num_image_tokens)
 
 
-def encode_for_training(sample: dict, processor) -> dict:
-    """`input_ids` and `labels` of a well-formed sample, built as the trainer builds them."""
-    from llava_jp.templates import plain_caption_messages
+def training_length(sample: dict, processor, max_length: int) -> tuple[int, tuple | None]:
+    """The sample's full token length and what the trainer would say about it at `max_length`
+    (`llava_jp.train.data.encode_record`): None when it fits, else `(kind, detail)`."""
+    from llava_jp.train.data import encode_record
 
-    messages = normalize_conversation(sample["conversations"], sample.get("id"))
-    if processor.template == "plain":
-        messages = plain_caption_messages(messages)
-    if messages[-1]["role"] != "assistant":
-        messages = messages[:-1]  # the trainer drops a trailing question
-    return processor.encode_conversation(messages)
-
-
-def length_issue(encoded: dict, max_length: int, image_token_id: int) -> tuple[str, str] | None:
-    """too_long when the trainer must drop the sample (its image or first answer does not fit),
-    truncated when it keeps only the answers that fit; None when the sample fits."""
-    from llava_jp.modeling import IGNORE_INDEX
-
-    ids, labels = encoded["input_ids"], encoded["labels"]
-    if len(ids) <= max_length:
-        return None
-    first_answer_end = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
-    while first_answer_end < len(labels) and labels[first_answer_end] != IGNORE_INDEX:
-        first_answer_end += 1
-    if image_token_id in ids[:max_length] and image_token_id in ids[max_length:]:
-        return "too_long", f"{len(ids)} tokens: the image does not fit in {max_length}"
-    if first_answer_end > max_length:
-        return "too_long", f"{len(ids)} tokens: the first answer does not fit in {max_length}"
-    return "truncated", f"{len(ids)} tokens > {max_length}: the answers past it are cut"
+    record = {"id": str(sample.get("id")), "image": sample.get("image"),
+              "conversations": json.dumps(sample["conversations"], ensure_ascii=False)}
+    plain = processor.template == "plain"
+    full = encode_record(record, processor, sys.maxsize, plain)
+    if full["status"] != "ok":
+        return 0, ("trainer_rejects", full["error"])
+    if full["length"] <= max_length:
+        return full["length"], None
+    verdict = encode_record(record, processor, max_length, plain)
+    if verdict["status"] == "truncated":
+        return full["length"], ("truncated", f"{full['length']} tokens > {max_length}: the "
+                                f"trainer keeps the answers that fit ({verdict['length']} tokens)")
+    return full["length"], ("too_long", f"{full['length']} tokens > {max_length}: "
+                            f"{verdict['status'].replace('_', ' ')}")
 
 
 def _length_stats(lengths: list[int], max_length: int) -> dict:
@@ -182,9 +174,9 @@ def check_dataset(samples: list, image_folder: str | None = None, tokenizer=None
     if tokenizer is not None:
         processor = _text_processor(tokenizer, template, num_image_tokens)
         for index in tqdm(well_formed, desc="tokenize", unit="sample"):
-            encoded = encode_for_training(samples[index], processor)
-            lengths.append(len(encoded["input_ids"]))
-            found = length_issue(encoded, max_length, processor.image_token_id)
+            length, found = training_length(samples[index], processor, max_length)
+            if length:
+                lengths.append(length)
             if found:
                 issues.append(Issue(index, samples[index].get("id"), *found))
     issues.sort(key=lambda issue: (issue.index, issue.kind))

@@ -87,7 +87,8 @@ def test_every_planted_defect_is_found_and_nothing_else(workspace):
     found = {(issue["id"], issue["kind"]) for issue in report["issues"]}
     assert found == {(sample_id, kind) for sample_id, (kind, _) in PLANTED.items()}
     assert status == 1 and report["ok"] is False
-    assert set(report["errors"]) == set(ERRORS) and set(report["warnings"]) == set(WARNINGS)
+    assert set(report["errors"]) == set(ERRORS) - {"trainer_rejects"}
+    assert set(report["warnings"]) == set(WARNINGS)
     assert report["samples_with_errors"] == 8
     assert report["token_lengths"]["over_max_length"] == 2
     summary = (out / "summary.md").read_text("utf-8")
@@ -120,3 +121,12 @@ def test_token_lengths_are_the_training_sequence_lengths(workspace):
     # Stage 1 ("plain"): <image>{caption}\n, the question is not part of the sequence.
     assert check_dataset([CLEAN[0]], tokenizer=tokenizer, template="plain")[1] == \
         [729 + len(reply) + 1]
+
+
+def test_samples_the_trainer_would_drop_for_other_reasons_are_errors(workspace):
+    _, tokenizer_path = workspace
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    # Stage 1 trains on captions of images: a text-only sample has nothing to caption.
+    issues, _ = check_dataset([CLEAN[2]], tokenizer=tokenizer, template="plain")
+    assert [(i.id, i.kind) for i in issues] == [("c2", "trainer_rejects")]
+    assert "no image" in issues[0].detail
