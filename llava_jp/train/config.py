@@ -78,11 +78,22 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def _coerce(name: str, text: str):
-    """Parse a command-line value with YAML rules (numbers, booleans, null, lists)."""
+    """Parse a command-line value with YAML rules (booleans, null, lists), keeping strings as typed."""
     value = yaml.safe_load(text)
     if _FIELDS[name].type in ("str", "str | None") and value is not None:
         return str(text)
     return value
+
+
+def _typed(name: str, value):
+    """Numbers written as `1e-4` are strings to YAML 1.1: convert by the field's type, or name it."""
+    kind = _FIELDS[name].type.split(" | ")[0]
+    if value is None or kind not in ("int", "float") or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    try:
+        return int(value) if kind == "int" else float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected {kind}, got {value!r}") from None
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -123,6 +134,6 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, **v
     unknown = sorted(set(data) - set(_FIELDS))
     if unknown:
         raise ValueError(f"{path or 'config'}: unknown key(s) {unknown}")
-    config = TrainConfig(**data)
+    config = TrainConfig(**{k: _typed(k, v) for k, v in data.items()})
     config.validate()
     return config

@@ -179,7 +179,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     accum = cfg.gradient_accumulation_steps
     my_batches = [b[rank::world] for b in batches[start_step * accum: total_steps * accum]]
     loader = DataLoader(my_batches, batch_size=None, shuffle=False, collate_fn=Collator(dataset, processor, cfg.image_folder),
-                        num_workers=cfg.dataloader_num_workers)
+                        num_workers=cfg.dataloader_num_workers,
+                        # its own generator: creating the iterator must not draw from the global
+                        # RNG, or a resumed run's dropout masks would differ from the original's
+                        generator=torch.Generator().manual_seed(cfg.seed))
     batch_iter = iter(loader)
     log_path = out / "log.jsonl"
     progress = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_main_process,
