@@ -1,0 +1,1 @@
+"""Japanese training data for llava-jp: convert, translate, check and mix LLaVA-format sets."""
