@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("llava_jp.info", "parameter counts and image-token shape of a preset or model"),
     "train": ("llava_jp.train.loop", "train one stage from a YAML config (--key value overrides any field)"),
     "quickstart": ("llava_jp.quickstart", "the whole pipeline on a tiny model and synthetic data, on CPU"),
+    "data": ("data_ja.cli", "Japanese training data: convert, translate, check, mix"),
 }
 ACCEPTS_OVERRIDES = {"train"}
 
