@@ -1,0 +1,63 @@
+"""The llm-jp-eval-mm adapter: the harness's call shapes reach our batched answer function."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from llava_jp.eval.llm_jp_eval_mm import VLM, generation_kwargs, get_class_from_model_id
+from llava_jp.eval.testing import tiny_image
+
+
+@dataclass
+class GenerationConfig:  # the harness's dataclass, same fields and defaults
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    num_beams: int = 1
+    do_sample: bool = False
+    use_cache: bool = True
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, images, questions, **kwargs):
+        self.calls.append((images, questions, kwargs))
+        return [f"{q}:{i.getpixel((0, 0))}" for i, q in zip(images, questions)]
+
+
+def test_generate_answers_one_image_greedy():
+    recorder = Recorder()
+    vlm = VLM("some/model", answer_fn=recorder)
+    answer = vlm.generate([tiny_image("red").convert("L")], "<image>\n何色？", GenerationConfig())
+    assert answer == "何色？:(76, 76, 76)"  # a grey-scale "L" pixel would be one int: now RGB
+    images, questions, kwargs = recorder.calls[0]
+    assert questions == ["何色？"]
+    assert kwargs == {"max_new_tokens": 256, "num_beams": 1, "do_sample": False, "use_cache": True}
+
+
+def test_batch_generate_is_one_batched_call():
+    recorder = Recorder()
+    vlm = VLM("m", answer_fn=recorder)
+    answers = vlm.batch_generate(
+        [[tiny_image("red")], [tiny_image("blue")]], ["a", "b"], GenerationConfig(max_new_tokens=8)
+    )
+    assert answers == ["a:(255, 0, 0)", "b:(0, 0, 255)"]
+    assert len(recorder.calls) == 1 and recorder.calls[0][2]["max_new_tokens"] == 8
+
+
+def test_sampling_passes_temperature_and_defaults_without_config():
+    assert generation_kwargs(GenerationConfig(do_sample=True, temperature=0.7))["temperature"] == 0.7
+    assert generation_kwargs() == {"max_new_tokens": 256}
+    assert generation_kwargs({"max_new_tokens": 5, "temperature": 0.0}) == {"max_new_tokens": 5}
+
+
+@pytest.mark.parametrize("images", [[], None, [tiny_image("red"), tiny_image("blue")]])
+def test_not_exactly_one_image_is_refused(images):
+    with pytest.raises(ValueError, match="exactly one image"):
+        VLM("m", answer_fn=Recorder()).generate(images, "q")
+
+
+def test_model_table_hook_returns_the_adapter():
+    assert get_class_from_model_id("/any/path") is VLM
