@@ -1,3 +1,15 @@
 """llava-jp: small, high-resolution Japanese vision-language models (LLaVA family)."""
 
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from .configuration import LlavaJpConfig
+from .modeling import LlavaJpForConditionalGeneration
+from .processing import LlavaJpProcessor
+
 __version__ = "0.1.0"
+
+AutoConfig.register(LlavaJpConfig.model_type, LlavaJpConfig, exist_ok=True)
+AutoModelForImageTextToText.register(LlavaJpConfig, LlavaJpForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(LlavaJpConfig, LlavaJpProcessor, exist_ok=True)
+
+__all__ = ["LlavaJpConfig", "LlavaJpForConditionalGeneration", "LlavaJpProcessor", "__version__"]

@@ -1,0 +1,30 @@
+"""The `llava-jp` command. Each subcommand lives next to the code it drives; this file only
+routes: a subcommand is (module, help), and the module has `add_arguments(parser)` and
+`run(args) -> int | None`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("llava_jp.info", "parameter counts and image-token shape of a preset or model"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llava-jp", description="Japanese vision-language models, LLaVA style.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        # modules are imported lazily so `llava-jp info` does not pay for training imports
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        importlib.import_module(module_name).add_arguments(p)
+    args = parser.parse_args(argv)
+    code = importlib.import_module(args._module).run(args)
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""One-shot batched inference: (images, questions) -> answers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .processing import ImageLike
+
+
+def generate_answers(
+    model,
+    processor,
+    images: Sequence[ImageLike | None],
+    questions: Sequence[str],
+    max_new_tokens: int = 256,
+    **gen_kwargs,
+) -> list[str]:
+    """Answer each question about its image (None for a text-only question) in one batch.
+
+    Prompts are left-padded; decoding is greedy unless `gen_kwargs` says otherwise.
+    """
+    batch = processor(text=list(questions), images=list(images))
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    gen_kwargs.setdefault("do_sample", False)
+    new_tokens = model.generate(**batch, max_new_tokens=max_new_tokens, **gen_kwargs)
+    return [t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True)]

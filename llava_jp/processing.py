@@ -1,0 +1,203 @@
+"""`LlavaJpProcessor`: (conversation, images) -> input_ids, attention_mask, labels, pixel_values."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from PIL import Image, ImageOps
+from transformers import ProcessorMixin
+
+from .modeling import IGNORE_INDEX
+from .templates import IMAGE_MARKER, Segment, get_template
+
+ImageLike = Image.Image | str | os.PathLike
+
+
+def load_image(image: ImageLike) -> Image.Image:
+    """Open an image (path or PIL), apply its EXIF orientation, and convert it to RGB.
+
+    PIL's decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`) stays on. Transparent images are
+    composited on white; CMYK, greyscale, palette and 16-bit images are converted to RGB.
+    """
+    if not isinstance(image, Image.Image):
+        with Image.open(image) as opened:
+            opened.load()
+            image = opened.copy() if opened.mode != "P" else opened.convert("RGBA")
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda v: v / 256).convert("L")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Pad to a square with `fill` (LLaVA's pad mode: the image mean colour), image centred."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+class LlavaJpProcessor(ProcessorMixin):
+    """Turns conversations and images into model inputs.
+
+    Each `<image>` in a user turn becomes `num_image_tokens` copies of `image_token_id`.
+    Text is tokenized segment by segment (context, answer, context, ...), so the supervised
+    tokens of every answer are exactly `tokenizer(answer) + [eos]`: a label/answer mismatch
+    cannot happen, whatever the tokenizer does at segment boundaries. Inference prompts are
+    built by the same function, so training and generation see identical token sequences.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        template: str = "llm-jp-v1",
+        num_image_tokens: int = 729,
+        image_token_id: int = -200,
+        pad_to_square: bool = True,
+        **kwargs,
+    ):
+        self.template = template
+        self.num_image_tokens = num_image_tokens
+        self.image_token_id = image_token_id
+        self.pad_to_square = pad_to_square
+        get_template(template)
+        if chat_template is None:
+            chat_template = get_template(template).jinja()
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    # -- images ------------------------------------------------------------------------------
+    def preprocess_images(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """Images -> (n, 3, S, S) normalised pixel values."""
+        prepared = []
+        fill = tuple(int(round(255 * m)) for m in self.image_processor.image_mean)
+        for image in images:
+            image = load_image(image)
+            if self.pad_to_square:
+                image = expand_to_square(image, fill)
+            prepared.append(image)
+        return self.image_processor(prepared, return_tensors="pt")["pixel_values"]
+
+    # -- text --------------------------------------------------------------------------------
+    def _special_prefix(self) -> list[int]:
+        """Ids the tokenizer puts before a text of its own accord (e.g. BOS for Llama)."""
+        if not hasattr(self, "_prefix_cache"):
+            with_special = self.tokenizer("あ", add_special_tokens=True)["input_ids"]
+            without = self.tokenizer("あ", add_special_tokens=False)["input_ids"]
+            cut = len(with_special) - len(without)
+            has_prefix = cut > 0 and with_special[cut:] == without
+            self._prefix_cache = with_special[:cut] if has_prefix else []
+        return self._prefix_cache
+
+    def encode_conversation(
+        self, messages: list[dict], add_generation_prompt: bool = False
+    ) -> dict[str, list[int]]:
+        """Normalised messages -> `input_ids` and `labels` (lists, unpadded).
+
+        Labels are IGNORE_INDEX everywhere except each assistant answer and its end token.
+        """
+        template = get_template(self.template)
+        segments = template.segments(messages, add_generation_prompt=add_generation_prompt)
+        texts = [seg.text for seg in segments if seg.kind != "image"]
+        encoded = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        eos = self.tokenizer.eos_token_id
+        if template.append_end_token and eos is None:
+            raise ValueError(f"template {template.name!r} needs an end token but the tokenizer has no eos_token")
+        input_ids = list(self._special_prefix())
+        labels = [IGNORE_INDEX] * len(input_ids)
+        for seg in segments:
+            if seg.kind == "image":
+                input_ids += [self.image_token_id] * self.num_image_tokens
+                labels += [IGNORE_INDEX] * self.num_image_tokens
+                continue
+            ids = list(next(encoded))
+            if seg.kind == "answer":
+                if template.append_end_token:
+                    ids.append(eos)
+                input_ids += ids
+                labels += ids
+            else:
+                input_ids += ids
+                labels += [IGNORE_INDEX] * len(ids)
+        return {"input_ids": input_ids, "labels": labels}
+
+    def pad(self, features: list[dict], padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """Pad a list of encoded samples into a batch (`labels` only where every sample has them)."""
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        length = max(len(f["input_ids"]) for f in features)
+        batch = {"input_ids": [], "attention_mask": []}
+        with_labels = all("labels" in f for f in features)
+        if with_labels:
+            batch["labels"] = []
+        for f in features:
+            n = length - len(f["input_ids"])
+            def place(values, fill):
+                return [fill] * n + list(values) if padding_side == "left" else list(values) + [fill] * n
+            batch["input_ids"].append(place(f["input_ids"], pad_id))
+            batch["attention_mask"].append(place([1] * len(f["input_ids"]), 0))
+            if with_labels:
+                batch["labels"].append(place(f["labels"], IGNORE_INDEX))
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+    def __call__(
+        self,
+        images: ImageLike | Sequence[ImageLike | None] | None = None,
+        text: str | Sequence[str] | None = None,
+        conversations: list[dict] | Sequence[list[dict]] | None = None,
+        add_generation_prompt: bool | None = None,
+        padding_side: str | None = None,
+        **kwargs,
+    ) -> dict[str, torch.Tensor]:
+        """Batch inputs for the model.
+
+        text: user question(s) for one-turn prompts (`<image>` is prepended when an image is
+            given and the text has no marker); implies `add_generation_prompt`.
+        conversations: normalised message lists; with assistant answers they give `labels`.
+        images: one image per `<image>` marker, in order (None entries for text-only samples).
+        Prompts for generation are left-padded by default, training batches right-padded.
+        """
+        if (text is None) == (conversations is None):
+            raise ValueError("pass exactly one of `text` or `conversations`")
+        single = isinstance(text, str) or (conversations is not None and conversations and isinstance(conversations[0], dict))
+        if images is not None and (isinstance(images, (Image.Image, str, os.PathLike))):
+            images = [images]
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            image_list = list(images) if images is not None else [None] * len(texts)
+            if len(image_list) != len(texts):
+                raise ValueError(f"got {len(texts)} texts but {len(image_list)} images")
+            conversations = [
+                [{"role": "user", "content": (IMAGE_MARKER + "\n" + t) if im is not None and IMAGE_MARKER not in t else t}]
+                for t, im in zip(texts, image_list)
+            ]
+            add_generation_prompt = True if add_generation_prompt is None else add_generation_prompt
+        else:
+            conversations = [conversations] if single else list(conversations)
+            image_list = list(images) if images is not None else []
+        add_generation_prompt = bool(add_generation_prompt)
+        features = [self.encode_conversation(c, add_generation_prompt) for c in conversations]
+        wanted = sum(sum(m["content"].count(IMAGE_MARKER) for m in c if m["role"] == "user") for c in conversations)
+        given = [im for im in image_list if im is not None]
+        if wanted != len(given):
+            raise ValueError(f"the conversations have {wanted} <image> markers but {len(given)} images were given")
+        if add_generation_prompt:
+            for f in features:
+                f.pop("labels")
+        batch = self.pad(features, padding_side or ("left" if add_generation_prompt else "right"))
+        if given:
+            batch["pixel_values"] = self.preprocess_images(given)
+        return batch

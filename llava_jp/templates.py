@@ -1,0 +1,188 @@
+"""Prompt templates and conversation handling.
+
+A conversation is rendered as a list of `Segment`s: text that is context (never supervised),
+text that is an answer (supervised), and image slots. The processor tokenizes segment by
+segment, so the supervised tokens are exactly `tokenize(answer) + [eos]` by construction; the
+Jinja chat template renders the same text for tools that only know `apply_chat_template`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGE_MARKER = "<image>"
+
+LLM_JP_V1_SYSTEM = (
+    "これは好奇心旺盛なユーザーと人工知能システムのチャットです。"
+    "システムはユーザーの質問に親切、詳細、丁寧に答える。"
+)
+
+_ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "ユーザー": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "システム": "assistant",
+}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One piece of a rendered conversation.
+
+    kind: "text" (context), "answer" (supervised text, followed by the end token) or "image".
+    """
+
+    kind: str
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Template:
+    """A prompt format: how system text, user turns and assistant turns are laid out."""
+
+    name: str
+    system: str
+    user_prefix: str
+    assistant_prefix: str
+    turn_separator: str
+    append_end_token: bool
+
+    def segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[Segment]:
+        """Render normalised messages (see `normalize_conversation`) into segments.
+
+        With `add_generation_prompt`, the rendering ends with the assistant prefix so the
+        model continues with an answer; the last message must then be a user turn.
+        """
+        if not messages or messages[0]["role"] != "user":
+            raise ValueError("a conversation must start with a user turn")
+        out: list[Segment] = []
+        context = self.system
+        for i, message in enumerate(messages):
+            expected = "user" if i % 2 == 0 else "assistant"
+            if message["role"] != expected:
+                raise ValueError(f"turn {i}: expected role {expected!r}, got {message['role']!r}")
+            if expected == "user":
+                if i > 0:
+                    context += self.turn_separator
+                context += self.user_prefix
+                pieces = message["content"].split(IMAGE_MARKER)
+                for j, piece in enumerate(pieces):
+                    if j > 0:
+                        out.extend(_flush(context))
+                        out.append(Segment("image"))
+                        context = ""
+                    context += piece
+                context += self.assistant_prefix
+            else:
+                out.extend(_flush(context))
+                context = ""
+                out.append(Segment("answer", message["content"]))
+        if messages[-1]["role"] == "user":
+            if not add_generation_prompt:
+                raise ValueError("conversation ends with a user turn; pass add_generation_prompt=True")
+            out.extend(_flush(context))
+        return out
+
+    def render(self, messages: list[dict], eos_token: str, add_generation_prompt: bool = False) -> str:
+        """The conversation as one string (what the Jinja chat template produces)."""
+        parts = []
+        for seg in self.segments(messages, add_generation_prompt):
+            if seg.kind == "image":
+                parts.append(IMAGE_MARKER)
+            elif seg.kind == "answer":
+                parts.append(seg.text + (eos_token if self.append_end_token else ""))
+            else:
+                parts.append(seg.text)
+        return "".join(parts)
+
+    def jinja(self) -> str:
+        """A Jinja chat template equivalent to `render` (messages with string content)."""
+        sys_text = self.system.replace("'", "\\'")
+        return (
+            "{{ '" + sys_text + "' }}"
+            "{% for m in messages %}"
+            "{% if m['role'] == 'user' %}"
+            "{% if not loop.first %}{{ '" + self.turn_separator + "' }}{% endif %}"
+            "{{ '" + self.user_prefix + "' + m['content'] + '" + _jinja_escape(self.assistant_prefix) + "' }}"
+            "{% else %}"
+            "{{ m['content'] }}" + ("{{ eos_token }}" if self.append_end_token else "") +
+            "{% endif %}"
+            "{% endfor %}"
+        )
+
+
+def _jinja_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+
+
+def _flush(context: str) -> list[Segment]:
+    return [Segment("text", context)] if context else []
+
+
+TEMPLATES: dict[str, Template] = {
+    # stage 2: "{system} ユーザー: <image>\n{question} システム: {answer}<EOD|LLM-jp>", turns joined by " "
+    "llm-jp-v1": Template(
+        name="llm-jp-v1",
+        system=LLM_JP_V1_SYSTEM + " ",
+        user_prefix="ユーザー: ",
+        assistant_prefix=" システム: ",
+        turn_separator=" ",
+        append_end_token=True,
+    ),
+    # stage 1: "<image>{caption}\n", only the caption (and its newline) is supervised
+    "plain": Template(
+        name="plain",
+        system="",
+        user_prefix="",
+        assistant_prefix="",
+        turn_separator="",
+        append_end_token=False,
+    ),
+}
+
+
+def get_template(name: str) -> Template:
+    """Look up a template by name, with an error that lists the known ones."""
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise ValueError(f"unknown template {name!r}; known: {sorted(TEMPLATES)}") from None
+
+
+def normalize_conversation(raw: list[dict], sample_id: object = None) -> list[dict]:
+    """LLaVA-format turns (`from`/`value`, either role spelling) -> `role`/`content` messages.
+
+    Already-normalised messages (`role`/`content`) pass through. Raises ValueError naming the
+    sample and turn for unknown roles or missing text.
+    """
+    where = f"sample {sample_id!r}: " if sample_id is not None else ""
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"{where}conversations must be a non-empty list")
+    messages = []
+    for i, turn in enumerate(raw):
+        if not isinstance(turn, dict):
+            raise ValueError(f"{where}turn {i} is not an object")
+        role = turn.get("from", turn.get("role"))
+        content = turn.get("value", turn.get("content"))
+        if role not in _ROLE_ALIASES:
+            raise ValueError(f"{where}turn {i}: unknown role {role!r} (known: {sorted(_ROLE_ALIASES)})")
+        if not isinstance(content, str):
+            raise ValueError(f"{where}turn {i}: text must be a string, got {type(content).__name__}")
+        messages.append({"role": _ROLE_ALIASES[role], "content": content})
+    return messages
+
+
+def plain_caption_messages(messages: list[dict]) -> list[dict]:
+    """Stage-1 ("plain") form of a captioning sample: image only, caption + newline as answer.
+
+    LLaVA's pretraining data puts an instruction next to `<image>` in the user turn; the
+    plain template drops it and keeps only the image, as the reference recipe does.
+    """
+    if len(messages) < 2:
+        raise ValueError("a plain (stage-1) sample needs a user turn and a caption")
+    return [
+        {"role": "user", "content": IMAGE_MARKER},
+        {"role": "assistant", "content": messages[1]["content"] + "\n"},
+    ]

@@ -1,0 +1,230 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    SiglipConfig,
+    SiglipModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
+from llava_jp.builder import build
+from llava_jp.cli import main as cli_main
+from llava_jp.tokenizer import build_char_tokenizer
+
+from .helpers import byte_bpe_tokenizer, write_preset
+
+RED = Image.new("RGB", (80, 50), (255, 0, 0))
+BLUE = Image.new("RGB", (40, 40), (0, 0, 255))
+
+
+def _qa(question="<image>\n何色？", answer="赤"):
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def test_save_load_round_trip_identical_logits(tiny, tmp_path):
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    loaded_proc = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, LlavaJpForConditionalGeneration) and isinstance(loaded_proc, LlavaJpProcessor)
+    batch = processor(text=["何色？", "形は？"], images=[RED, BLUE])
+    batch2 = loaded_proc(text=["何色？", "形は？"], images=[RED, BLUE])
+    assert torch.equal(batch["input_ids"], batch2["input_ids"])
+    assert torch.equal(batch["pixel_values"], batch2["pixel_values"])
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch2).logits)
+    assert loaded.generation_config.eos_token_id == processor.tokenizer.eos_token_id
+
+
+def _save_components(tmp_path, lm_kind="gpt2", full_siglip=False):
+    torch.manual_seed(1)
+    tokenizer = byte_bpe_tokenizer(bos=lm_kind == "llama")
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                            image_size=32, patch_size=8)
+    vision_dir = tmp_path / "siglip"
+    if full_siglip:  # hub SigLIP checkpoints hold the text tower too
+        from transformers import SiglipTextConfig
+        SiglipModel(SiglipConfig(vision_config=vc.to_dict(),
+                                 text_config=SiglipTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                              num_attention_heads=2, vocab_size=50).to_dict())).save_pretrained(vision_dir)
+        vision_ref = SiglipVisionModel.from_pretrained(vision_dir)
+    else:
+        vision_ref = SiglipVisionModel(vc)
+        vision_ref.save_pretrained(vision_dir)
+    if lm_kind == "gpt2":
+        lm = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tokenizer), n_positions=512,
+                                        tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id))
+    else:
+        lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                          num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=512,
+                                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    lm_dir = tmp_path / "lm"
+    lm.save_pretrained(lm_dir)
+    tokenizer.save_pretrained(lm_dir)
+    preset = write_preset(
+        tmp_path / "preset.yaml",
+        vision={"name_or_path": str(vision_dir), "s2_scales": [32, 64], "s2_split_size": 32},
+        language_model={"name_or_path": str(lm_dir)},
+        tokenizer=str(lm_dir),
+    )
+    return preset, vision_ref, lm
+
+
+@pytest.mark.parametrize("lm_kind,full_siglip", [("gpt2", False), ("gpt2", True), ("llama", False)])
+def test_build_from_local_checkpoints_loads_their_weights(tmp_path, lm_kind, full_siglip):
+    preset, vision_ref, lm_ref = _save_components(tmp_path, lm_kind, full_siglip)
+    model, processor = build(str(preset), pretrained=True)
+    for name, tensor in vision_ref.state_dict().items():
+        assert torch.equal(model.vision_tower.state_dict()[name], tensor), name
+    for name, tensor in lm_ref.state_dict().items():
+        assert torch.equal(model.language_model.state_dict()[name], tensor), name
+    assert model.language_model.get_input_embeddings().num_embeddings == lm_ref.config.vocab_size
+    assert model.projector_input_width == 64 and model.num_image_tokens == 16
+    # the assembled VLM saves and reloads as one model
+    model.save_pretrained(tmp_path / "vlm")
+    processor.save_pretrained(tmp_path / "vlm")
+    reloaded = LlavaJpForConditionalGeneration.from_pretrained(tmp_path / "vlm").eval()
+    batch = processor(text=["これは何？"], images=[RED])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**batch).logits, reloaded(**batch).logits, rtol=0, atol=0)
+        out = reloaded.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert out.shape[0] == 1 and 1 <= out.shape[1] <= 4
+
+
+def test_tokenizer_larger_than_vocab_is_refused(tmp_path):
+    preset = write_preset(tmp_path / "p.yaml", language_model={"config": {"model_type": "gpt2", "n_embd": 32, "n_layer": 1,
+                                                                           "n_head": 2, "vocab_size": 10}})
+    with pytest.raises(ValueError, match="resize_token_embeddings"):
+        build(str(preset), pretrained=False)
+
+
+def test_text_only_batch_does_not_run_the_vision_tower(tiny):
+    model, processor = tiny
+    calls = []
+    model.vision_tower.embeddings.register_forward_hook(lambda *a: calls.append(1))
+    batch = processor(conversations=[_qa("こんにちは", "はい"), _qa("元気？", "元気")])
+    assert "pixel_values" not in batch
+    loss = model(**batch).loss
+    assert torch.isfinite(loss) and calls == []
+
+
+def test_mixed_batch_places_each_image_in_its_own_sample(tiny):
+    model, processor = tiny
+    convs = [_qa("<image>\n何色？", "赤"), _qa("こんにちは", "はい"), _qa("形は？\n<image>", "丸")]
+    batch = processor(conversations=convs, images=[RED, None, BLUE])
+    batch.pop("labels")
+    assert batch["pixel_values"].shape[0] == 2
+    with torch.no_grad():
+        mixed = model(**batch).logits
+        for i, (conv, image) in enumerate(zip(convs, [RED, None, BLUE])):
+            alone = processor(conversations=[conv], images=[image] if image else None)
+            alone.pop("labels")
+            n = alone["input_ids"].shape[1]
+            torch.testing.assert_close(mixed[i, :n], model(**alone).logits[0], atol=1e-5, rtol=1e-4)
+
+
+def test_placeholder_feature_mismatch_is_a_clear_error(tiny):
+    model, processor = tiny
+    batch = processor(conversations=[_qa()], images=[RED])
+    batch["input_ids"] = batch["input_ids"][:, 1:]  # drop nothing image-related: still fine
+    batch["attention_mask"] = batch["attention_mask"][:, 1:]
+    batch["labels"] = batch["labels"][:, 1:]
+    model(**batch)
+    two_images = torch.cat([batch["pixel_values"]] * 2)
+    with pytest.raises(ValueError, match=r"placeholder tokens \(16\) do not match image features \(2 images"):
+        model(input_ids=batch["input_ids"], pixel_values=two_images)
+    with pytest.raises(ValueError, match=r"\(16\) do not match image features \(0 images"):
+        model(input_ids=batch["input_ids"])
+
+
+def test_loss_only_counts_supervised_tokens(tiny):
+    model, processor = tiny
+    batch = processor(conversations=[_qa()], images=[RED])
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits[0, :-1]
+        targets = batch["labels"][0, 1:]
+        keep = targets != -100
+        expected = torch.nn.functional.cross_entropy(full[keep], targets[keep])
+        out = model(**batch)
+    torch.testing.assert_close(out.loss, expected)
+    assert out.logits.shape[0] == int(keep.sum()) == 2  # "赤" + end token
+
+
+def test_greedy_generate_is_deterministic_and_batch_independent(tiny):
+    model, processor = tiny
+    questions, images = ["何色？", "こんにちは、形は何ですか？"], [RED, None]
+    batch = processor(text=questions, images=images)
+    first = model.generate(**batch, max_new_tokens=8, do_sample=False)
+    second = model.generate(**batch, max_new_tokens=8, do_sample=False)
+    assert torch.equal(first, second)
+    for i, (q, im) in enumerate(zip(questions, images)):
+        alone = model.generate(**processor(text=[q], images=[im]), max_new_tokens=8, do_sample=False)
+        assert torch.equal(alone[0], first[i, : alone.shape[1]])
+
+
+def test_generate_stops_at_the_end_token(tiny):
+    model, processor = tiny
+    eos = processor.tokenizer.eos_token_id
+    lm = model.language_model
+    with torch.no_grad():  # make the end token the argmax everywhere
+        lm.transformer.ln_f.weight.zero_()
+        lm.transformer.ln_f.bias.fill_(1.0)
+        lm.lm_head.weight.zero_()
+        lm.lm_head.weight[eos] = 1.0
+    out = model.generate(**processor(text=["何色？"], images=[RED]), max_new_tokens=10, do_sample=False)
+    assert out.tolist() == [[eos]]
+    with torch.no_grad():
+        lm.lm_head.weight[eos] = 0.0
+        lm.lm_head.weight[5] = 1.0
+    out = model.generate(**processor(text=["何色？"], images=[RED]), max_new_tokens=10, do_sample=False)
+    assert out.shape == (1, 10)
+
+
+def test_generate_uses_the_kv_cache(tiny):
+    model, processor = tiny
+    lengths = []
+    model.language_model.transformer.register_forward_pre_hook(
+        lambda mod, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1] if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"].shape[1]),
+        with_kwargs=True,
+    )
+    batch = processor(text=["何色？"], images=[RED])
+    model.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert lengths[0] == batch["input_ids"].shape[1] and lengths[1:] == [1, 1, 1, 1]
+
+
+def test_info_full_preset_matches_published_size(capsys):
+    assert cli_main(["info", "--preset", "llava-jp-1.3b-s2"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert abs(info["parameters"]["total"] / 1e9 - 1.86) <= 0.005
+    assert info["total_human"] == "1.86B"
+    assert info["image_tokens_per_image"] == 729 and info["projector_input_width"] == 2304
+
+
+def test_info_on_a_saved_model(tiny_dir, capsys):
+    assert cli_main(["info", "--model", str(tiny_dir)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["image_tokens_per_image"] == 16 and info["projector_input_width"] == 256
+
+
+def test_tiny_preset_builds_fast():
+    import time
+    start = time.perf_counter()
+    build("tiny", pretrained=False)
+    assert time.perf_counter() - start < 2.0
+
+
+def test_char_tokenizer_round_trips_japanese():
+    tok = build_char_tokenizer()
+    text = "これは赤い丸です。\n数字は7！"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text

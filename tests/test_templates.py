@@ -1,0 +1,160 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jinja2 import Template as Jinja
+
+from llava_jp.builder import build_processor, build_config, load_preset
+from llava_jp.modeling import IGNORE_INDEX
+from llava_jp.processing import LlavaJpProcessor
+from llava_jp.templates import LLM_JP_V1_SYSTEM, get_template, normalize_conversation
+from llava_jp.tokenizer import build_char_tokenizer
+
+from .helpers import byte_bpe_tokenizer
+
+EOS = "<EOD|LLM-jp>"
+
+
+def test_llm_jp_v1_renders_exactly_as_the_recipe():
+    messages = [
+        {"role": "user", "content": "<image>\n何色ですか？"},
+        {"role": "assistant", "content": "赤です。"},
+        {"role": "user", "content": "形は？"},
+        {"role": "assistant", "content": "丸です。"},
+    ]
+    text = get_template("llm-jp-v1").render(messages, EOS)
+    assert text == (
+        f"{LLM_JP_V1_SYSTEM} ユーザー: <image>\n何色ですか？ システム: 赤です。{EOS}"
+        f" ユーザー: 形は？ システム: 丸です。{EOS}"
+    )
+
+
+def test_plain_renders_image_then_caption():
+    messages = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "犬の写真\n"}]
+    assert get_template("plain").render(messages, EOS) == "<image>犬の写真\n"
+
+
+def test_generation_prompt_ends_with_assistant_prefix():
+    text = get_template("llm-jp-v1").render([{"role": "user", "content": "やあ"}], EOS, add_generation_prompt=True)
+    assert text.endswith("ユーザー: やあ システム: ")
+
+
+@pytest.mark.parametrize("name", ["llm-jp-v1", "plain"])
+def test_jinja_chat_template_matches_render(name):
+    template = get_template(name)
+    messages = [
+        {"role": "user", "content": "<image>\nこれは'何'？"},
+        {"role": "assistant", "content": "りんご"},
+        {"role": "user", "content": "色は"},
+        {"role": "assistant", "content": "赤"},
+    ]
+    rendered = Jinja(template.jinja()).render(messages=messages, eos_token=EOS)
+    assert rendered == template.render(messages, EOS)
+
+
+def test_normalize_conversation_both_role_spellings():
+    raw = [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
+           {"from": "ユーザー", "value": "c"}, {"from": "システム", "value": "d"}]
+    assert [m["role"] for m in normalize_conversation(raw)] == ["user", "assistant", "user", "assistant"]
+
+
+def test_normalize_conversation_names_bad_turn():
+    with pytest.raises(ValueError, match=r"sample 'x7'.*turn 1.*'bot'"):
+        normalize_conversation([{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}], sample_id="x7")
+
+
+def test_roles_must_alternate():
+    with pytest.raises(ValueError, match="turn 1"):
+        get_template("llm-jp-v1").segments([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+
+
+def _processor(tokenizer, template):
+    preset = load_preset("tiny")
+    preset.template = template
+    config = build_config(preset, tokenizer=tokenizer)
+    return build_processor(preset, config, tokenizer, num_image_tokens=4)
+
+
+TOKENIZERS = {"char": build_char_tokenizer(), "bpe": byte_bpe_tokenizer(), "bpe+bos": byte_bpe_tokenizer(bos=True)}
+_ALPHABET = "あいうえおかきくけこアイウ赤青丸四角数字 、。！？\nabcXYZ0123:"
+text = st.text(alphabet=_ALPHABET, min_size=1, max_size=20)
+
+
+@st.composite
+def conversations(draw):
+    turns = draw(st.integers(1, 3))
+    messages = []
+    for i in range(turns):
+        question = draw(text)
+        if i == 0 and draw(st.booleans()):
+            question = "<image>\n" + question if draw(st.booleans()) else question + "\n<image>"
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": draw(text)}]
+    return messages
+
+
+def _supervised_runs(ids, labels):
+    runs, current = [], []
+    for i, l in zip(ids, labels):
+        if l == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            assert l == i
+            current.append(i)
+    return runs + ([current] if current else [])
+
+
+@pytest.mark.parametrize("tok_name", list(TOKENIZERS))
+@pytest.mark.parametrize("template", ["llm-jp-v1", "plain"])
+@settings(max_examples=60, deadline=None)
+@given(messages=conversations())
+def test_supervised_tokens_decode_exactly_to_answers(tok_name, template, messages):
+    tokenizer = TOKENIZERS[tok_name]
+    processor = _processor(tokenizer, template)
+    encoded = processor.encode_conversation(messages)
+    runs = _supervised_runs(encoded["input_ids"], encoded["labels"])
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    end = EOS if template == "llm-jp-v1" else ""
+    decoded = [tokenizer.decode(r, clean_up_tokenization_spaces=False) for r in runs]
+    # answers may be adjacent in "plain" (no context between them): compare the concatenation
+    assert "".join(decoded) == "".join(a + end for a in answers)
+    if template == "llm-jp-v1":
+        assert decoded == [a + EOS for a in answers]
+    # the whole sequence (images as markers) decodes to the rendered template text
+    n_img = processor.num_image_tokens
+    text_ids, pieces = [], []
+    ids = encoded["input_ids"]
+    i = 0
+    while i < len(ids):
+        if ids[i] == processor.image_token_id:
+            pieces.append(tokenizer.decode(text_ids, clean_up_tokenization_spaces=False) + "<image>")
+            text_ids, i = [], i + n_img
+        else:
+            text_ids.append(ids[i])
+            i += 1
+    pieces.append(tokenizer.decode(text_ids, clean_up_tokenization_spaces=False))
+    bos = "<s>" if tok_name == "bpe+bos" else ""
+    assert "".join(pieces) == bos + get_template(template).render(messages, EOS)
+
+
+def test_bos_prefix_detected_once():
+    processor = _processor(TOKENIZERS["bpe+bos"], "llm-jp-v1")
+    ids = processor.encode_conversation([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])["input_ids"]
+    bos = TOKENIZERS["bpe+bos"].bos_token_id
+    assert ids[0] == bos and ids.count(bos) == 1
+
+
+def test_image_markers_must_match_images():
+    processor = _processor(TOKENIZERS["char"], "llm-jp-v1")
+    with pytest.raises(ValueError, match="1 <image> markers but 0 images"):
+        processor(conversations=[{"role": "user", "content": "<image>x"}, {"role": "assistant", "content": "y"}])
+
+
+def test_processor_round_trips_through_save(tmp_path):
+    processor = _processor(TOKENIZERS["bpe"], "plain")
+    processor.save_pretrained(tmp_path)
+    loaded = LlavaJpProcessor.from_pretrained(tmp_path)
+    messages = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "赤い丸\n"}]
+    assert loaded.template == "plain" and loaded.num_image_tokens == 4
+    assert loaded.encode_conversation(messages) == processor.encode_conversation(messages)
+    assert loaded.chat_template == processor.chat_template
