@@ -10,6 +10,7 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("llava_jp.info", "parameter counts and image-token shape of a preset or model"),
+    "eval": ("llava_jp.eval.runner", "score a model on JA-VG-VQA-500, JA-VLM-Bench-In-the-Wild and Heron-Bench"),
 }
 
 

@@ -24,7 +24,7 @@ class Recorder:
 
     def __call__(self, images, questions, **kwargs):
         self.calls.append((images, questions, kwargs))
-        return [f"{q}:{i.getpixel((0, 0))}" for i, q in zip(images, questions)]
+        return [f"{q}:{i.getpixel((0, 0)) if i else None}" for i, q in zip(images, questions)]
 
 
 def test_generate_answers_one_image_greedy():
@@ -53,10 +53,28 @@ def test_sampling_passes_temperature_and_defaults_without_config():
     assert generation_kwargs({"max_new_tokens": 5, "temperature": 0.0}) == {"max_new_tokens": 5}
 
 
-@pytest.mark.parametrize("images", [[], None, [tiny_image("red"), tiny_image("blue")]])
-def test_not_exactly_one_image_is_refused(images):
-    with pytest.raises(ValueError, match="exactly one image"):
-        VLM("m", answer_fn=Recorder()).generate(images, "q")
+@pytest.mark.parametrize("images", [[], None])
+def test_no_image_is_a_text_only_question(images):
+    recorder = Recorder()
+    assert VLM("m", answer_fn=recorder).generate(images, "q") == "q:None"
+    assert recorder.calls[0][0] == [None]
+
+
+def test_several_images_are_refused():
+    with pytest.raises(ValueError, match="2 images; llava-jp models take at most one"):
+        VLM("m", answer_fn=Recorder()).generate([tiny_image("red"), tiny_image("blue")], "q")
+
+
+def test_real_tiny_model_through_the_adapter(tiny_dir):
+    from llava_jp.eval.runner import load_model
+    from llava_jp.inference import generate_answers
+
+    vlm = VLM(str(tiny_dir), device="cpu")
+    image = tiny_image("red")
+    answers = vlm.batch_generate([[image], None], ["何色ですか？", "こんにちは"], GenerationConfig(max_new_tokens=6))
+    model, processor = load_model(str(tiny_dir), "cpu")
+    expected = generate_answers(model, processor, [image, None], ["何色ですか？", "こんにちは"], max_new_tokens=6)
+    assert answers == expected and all(isinstance(a, str) for a in answers)
 
 
 def test_model_table_hook_returns_the_adapter():

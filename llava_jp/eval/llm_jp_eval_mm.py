@@ -36,7 +36,7 @@ def generation_kwargs(gen_kwargs: Any = None) -> dict:
 
 
 class VLM:
-    """llm-jp-eval-mm model: a llava-jp model folder or hub id, one image per question."""
+    """llm-jp-eval-mm model: a llava-jp model folder or hub id, at most one image per question."""
 
     def __init__(self, model_id: str, device: str | None = None, answer_fn: AnswerFn | None = None):
         self.model_id = model_id
@@ -46,16 +46,11 @@ class VLM:
     def _load(model_id: str, device: str | None) -> AnswerFn:
         import functools
 
-        import torch
-
         from llava_jp.inference import generate_answers
-        from llava_jp.modeling import LlavaJpForConditionalGeneration
-        from llava_jp.processing import LlavaJpProcessor
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = LlavaJpForConditionalGeneration.from_pretrained(model_id).to(device).eval()
-        processor = LlavaJpProcessor.from_pretrained(model_id)
-        return functools.partial(generate_answers, model, processor)
+        from .runner import load_model
+
+        return functools.partial(generate_answers, *load_model(model_id, device))
 
     def generate(self, images: list[Image.Image] | None, text: str, gen_kwargs: Any = None) -> str:
         """Answer one question about one image."""
@@ -67,17 +62,16 @@ class VLM:
         text_list: Sequence[str],
         gen_kwargs: Any = None,
     ) -> list[str]:
-        """Answer a batch of (images, question) pairs; each must carry exactly one image."""
+        """Answer a batch of (images, question) pairs: one image each, or none (text-only)."""
         if len(images_list) != len(text_list):
             raise ValueError(f"{len(images_list)} image lists but {len(text_list)} texts")
         images = []
         for i, sample_images in enumerate(images_list):
-            if not sample_images or len(sample_images) != 1:
-                count = len(sample_images or [])
+            if sample_images and len(sample_images) > 1:
                 raise ValueError(
-                    f"sample {i} has {count} images; llava-jp models answer about exactly one image"
+                    f"sample {i} has {len(sample_images)} images; llava-jp models take at most one"
                 )
-            images.append(sample_images[0].convert("RGB"))
+            images.append(sample_images[0].convert("RGB") if sample_images else None)
         questions = [text.replace("<image>", "").strip() for text in text_list]
         return list(self._answer(images, questions, **generation_kwargs(gen_kwargs)))
 

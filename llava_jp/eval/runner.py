@@ -212,17 +212,22 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
-def model_generate_fn(model_path: str, max_new_tokens: int = 256, device: str | None = None) -> GenerateFn:
-    """``generate_fn`` backed by a saved llava-jp model (greedy, batched, left-padded)."""
+def load_model(model_path: str, device: str | None = None):
+    """(model, processor) of a saved llava-jp model, in eval mode on ``device`` (default: cuda if any)."""
     import torch
 
-    from llava_jp.inference import generate_answers
-    from llava_jp.modeling import LlavaJpForConditionalGeneration
-    from llava_jp.processing import LlavaJpProcessor
+    from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = LlavaJpForConditionalGeneration.from_pretrained(model_path).to(device).eval()
-    processor = LlavaJpProcessor.from_pretrained(model_path)
+    return model, LlavaJpProcessor.from_pretrained(model_path)
+
+
+def model_generate_fn(model_path: str, max_new_tokens: int = 256, device: str | None = None) -> GenerateFn:
+    """``generate_fn`` backed by a saved llava-jp model (greedy, batched, left-padded)."""
+    from llava_jp.inference import generate_answers
+
+    model, processor = load_model(model_path, device)
 
     def generate(images: list[Image.Image], questions: list[str]) -> list[str]:
         return generate_answers(model, processor, images, questions, max_new_tokens=max_new_tokens)
@@ -262,3 +267,12 @@ def main_eval(args: argparse.Namespace) -> dict:
     )
     print((out_dir / "results.md").read_text(encoding="utf-8"))
     return scores
+
+
+# `llava-jp eval` (llava_jp/cli.py routes a subcommand to `add_arguments` / `run`).
+add_arguments = add_eval_arguments
+
+
+def run(args: argparse.Namespace) -> int:
+    main_eval(args)
+    return 0
