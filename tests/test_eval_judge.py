@@ -85,7 +85,7 @@ def test_cached_replies_are_not_asked_again(tmp_path):
 
 def test_http_500_is_retried():
     with StandInJudge(faults=["500", "500"]) as judge:
-        summary, judgments = judge_heron(client(judge, workers=1), HERON[:1], HERON_PREDICTIONS[:1])
+        _, judgments = judge_heron(client(judge, workers=1), HERON[:1], HERON_PREDICTIONS[:1])
         assert judge.request_count == 3
     assert judgments[0].value == (8.0, 10.0) and judgments[0].attempts == 3
 

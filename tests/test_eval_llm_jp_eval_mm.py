@@ -32,7 +32,7 @@ def test_generate_answers_one_image_greedy():
     vlm = VLM("some/model", answer_fn=recorder)
     answer = vlm.generate([tiny_image("red").convert("L")], "<image>\n何色？", GenerationConfig())
     assert answer == "何色？:(76, 76, 76)"  # a grey-scale "L" pixel would be one int: now RGB
-    images, questions, kwargs = recorder.calls[0]
+    _, questions, kwargs = recorder.calls[0]
     assert questions == ["何色？"]
     assert kwargs == {"max_new_tokens": 256, "num_beams": 1, "do_sample": False, "use_cache": True}
 

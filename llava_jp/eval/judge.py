@@ -22,14 +22,14 @@ import hashlib
 import json
 import os
 import re
-import socket
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -172,7 +172,7 @@ class JudgeClient:
         model: str | None = None,
         api_key: str | None = None,
         **kwargs,
-    ) -> "JudgeClient | None":
+    ) -> JudgeClient | None:
         """A client from arguments, else ``LLAVA_JP_JUDGE_*`` env vars; None when no base URL."""
         base_url = base_url or os.environ.get(ENV_BASE_URL)
         if not base_url:
@@ -202,7 +202,7 @@ class JudgeClient:
             body = json.loads(response.read().decode("utf-8"))
         content = body["choices"][0]["message"]["content"]
         if not isinstance(content, str):
-            raise ValueError(f"reply content is {type(content).__name__}, not text")
+            raise TypeError(f"reply content is {type(content).__name__}, not text")
         return content
 
     def ask(
@@ -242,7 +242,7 @@ class JudgeClient:
                 error = f"HTTP {err.code}"
                 if err.code not in _RETRYABLE_HTTP:
                     return Judgment(None, None, attempt, error)
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as err:
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
                 error = f"request failed: {err}"
             except (ValueError, KeyError, IndexError, TypeError) as err:
                 error = f"malformed response: {err}"

@@ -11,7 +11,8 @@ folder passed as ``--adapter_dir`` (see docs/eval.md)::
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from PIL import Image
 

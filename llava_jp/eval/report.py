@@ -73,8 +73,10 @@ def markdown_table(scores: dict) -> str:
         )
     notes = [
         f"ROUGE-L protocol: {scores.get('protocol', 'llm-jp-eval-mm')}.",
-        "Heron-Bench: 100 x mean(model score) / mean(GPT-4 reference score) per category, "
-        "averaged over conv/detail/complex; judge-dependent.",
+        (
+            "Heron-Bench: 100 x mean(model score) / mean(GPT-4 reference score) per category, "
+            "averaged over conv/detail/complex; judge-dependent."
+        ),
     ]
     heron = scores.get("tasks", {}).get("heron-bench", {})
     if heron.get("judge_model"):

@@ -24,7 +24,7 @@ import functools
 import os
 import re
 import unicodedata
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import emoji
 import numpy as np

@@ -11,9 +11,9 @@ import re
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
 
 from PIL import Image
 
@@ -34,7 +34,8 @@ def _write_table(rows: dict, features, path: Path) -> Path:
 
 def write_ja_vg_vqa(path: Path) -> Path:
     """JA-VG-VQA-500 schema: 2 images, 2 + 1 QAs (ids 101, 102, 201)."""
-    from datasets import Features, Image as ImageFeature, List, Value
+    from datasets import Features, List, Value
+    from datasets import Image as ImageFeature
 
     qa = {
         "a_objects": List(Value("null")),
@@ -77,7 +78,8 @@ def write_ja_vg_vqa(path: Path) -> Path:
 
 def write_ja_vlm_wild(path: Path) -> Path:
     """JA-VLM-Bench-In-the-Wild schema: 2 questions."""
-    from datasets import Features, Image as ImageFeature, Value
+    from datasets import Features, Value
+    from datasets import Image as ImageFeature
 
     features = Features(
         {
@@ -131,7 +133,8 @@ def _heron_reference(question_id: int) -> str:
 
 def write_heron_table(path: Path) -> Path:
     """Heron-Bench flattened into one table (the schema of ``Silviase/Japanese-Heron-Bench``)."""
-    from datasets import Features, Image as ImageFeature, Value
+    from datasets import Features, Value
+    from datasets import Image as ImageFeature
 
     answer_models = [
         "claude-3-opus-20240229",
@@ -223,13 +226,14 @@ def default_judge_reply(payload: dict) -> str:
     """
     content = payload["messages"][-1]["content"]
     if "[Assistant 2]" in content:
-        ref = re.search(r"\[Assistant 1\]\n(.*?)\n\n\[End of Assistant 1\]", content, re.S).group(1)
-        ours = re.search(r"\[Assistant 2\]\n(.*?)\n\n\[End of Assistant 2\]", content, re.S).group(1)
+        ref = re.search(r"\[Assistant 1\]\n(.*?)\n\n\[End of Assistant 1\]", content, re.DOTALL).group(1)
+        ours = re.search(r"\[Assistant 2\]\n(.*?)\n\n\[End of Assistant 2\]", content, re.DOTALL).group(1)
         return f"8 {10 if ours == ref else 4}\nBoth answers were read carefully."
     if '"gpt4o_answer"' in content:
         ref = re.search(r'"gpt4o_answer": (.*),\n', content).group(1)
         ours = re.search(r'"model_answer": (.*)\n', content).group(1)
-        return '```json\n{"score_gpt": 8, "score": %d}\n```' % (10 if ours == ref else 4)
+        score = 10 if ours == ref else 4
+        return f'```json\n{{"score_gpt": 8, "score": {score}}}\n```'
     answer = re.search(r"\nAnswer: (.*)\n", content).group(1)
     prediction = re.search(r"\nPrediction: (.*)\n", content).group(1)
     return "5" if prediction == answer else "2"
@@ -252,7 +256,7 @@ class StandInJudge:
         judge = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server naming)
+            def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with judge._lock:
                     judge.payloads.append(body)
@@ -298,7 +302,7 @@ class StandInJudge:
         with self._lock:
             return len(self.payloads)
 
-    def __enter__(self) -> "StandInJudge":
+    def __enter__(self) -> StandInJudge:
         self._thread.start()
         return self
 
