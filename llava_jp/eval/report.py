@@ -12,28 +12,20 @@ BENCHMARKS = {
     "heron-bench": "Heron-Bench avg",
 }
 
-# Published scores (MISSION.md): model -> (params, {task: score}).
-PUBLISHED: dict[str, tuple[str, dict[str, float]]] = {
-    "llava-jp-1.3b-v1.1 (S2)": (
-        "1.86B",
-        {"ja-vg-vqa-500": 13.33, "ja-vlm-bench-in-the-wild": 44.40, "heron-bench": 50.39},
-    ),
-    "llava-jp-1.3b-v1.0 (no S2)": (
-        "1.86B",
-        {"ja-vg-vqa-500": 12.69, "ja-vlm-bench-in-the-wild": 44.58, "heron-bench": 44.84},
-    ),
-    "EvoVLM-JP-v1-7B": (
-        "7.57B",
-        {"ja-vg-vqa-500": 19.70, "ja-vlm-bench-in-the-wild": 51.25, "heron-bench": 45.07},
-    ),
-    "Heron GIT-7B": (
-        "7.32B",
-        {"ja-vg-vqa-500": 15.18, "ja-vlm-bench-in-the-wild": 37.82, "heron-bench": 46.83},
-    ),
+# Published scores (MISSION.md): model, params, then one score per BENCHMARKS column (None: n/a).
+_PUBLISHED_ROWS = [
+    ("llava-jp-1.3b-v1.1 (S2)", "1.86B", 13.33, 44.40, 50.39),
+    ("llava-jp-1.3b-v1.0 (no S2)", "1.86B", 12.69, 44.58, 44.84),
+    ("EvoVLM-JP-v1-7B", "7.57B", 19.70, 51.25, 45.07),
+    ("Heron GIT-7B", "7.32B", 15.18, 37.82, 46.83),
     # llm-jp-eval-mm leaderboard: Heron-Bench only, judged with that harness's prompt.
-    "InternVL3-2B (llm-jp-eval-mm)": ("", {"heron-bench": 55.28}),
-    "Qwen2.5-VL-3B (llm-jp-eval-mm)": ("", {"heron-bench": 60.72}),
-    "Heron-NVILA-Lite-2B (llm-jp-eval-mm)": ("", {"heron-bench": 63.22}),
+    ("InternVL3-2B (llm-jp-eval-mm)", "", None, None, 55.28),
+    ("Qwen2.5-VL-3B (llm-jp-eval-mm)", "", None, None, 60.72),
+    ("Heron-NVILA-Lite-2B (llm-jp-eval-mm)", "", None, None, 63.22),
+]
+PUBLISHED: dict[str, tuple[str, dict[str, float]]] = {
+    model: (params, {task: v for task, v in zip(BENCHMARKS, values) if v is not None})
+    for model, params, *values in _PUBLISHED_ROWS
 }
 
 
@@ -112,6 +104,7 @@ def radar_chart(scores: dict, path: str | Path) -> Path:
     ax.set_xticklabels([BENCHMARKS[t] for t in tasks], fontsize=8)
     top = max(60.0, max(v for _, values, _ in series for v in values) * 1.1)
     ax.set_ylim(0, top)
+    ax.tick_params(axis="y", labelsize=7)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=8)
     missing = [BENCHMARKS[t] for t in tasks if t not in ours]
     if missing:

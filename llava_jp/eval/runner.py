@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from .rouge import PROTOCOLS, aggregate_rouge_l, rouge_l_scores
 from .tasks import TASKS, EvalTask, load_task
 
 GenerateFn = Callable[[list[Image.Image], list[str]], list[str]]
+logger = logging.getLogger(__name__)
 
 
 def generate_predictions(
@@ -144,6 +146,9 @@ def run_eval(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = sources or {}
+    names = [t if isinstance(t, str) else t.name for t in tasks]
+    if judge is None and "heron-bench" in names:
+        logger.warning("no judge configured: Heron-Bench answers are generated but not scored")
     scores = {"model": model_name, "protocol": protocol, "limit": limit, "tasks": {}}
     for task in tasks:
         if isinstance(task, str):
