@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("llava_jp.train.loop", "train one stage from a YAML config (--key value overrides any field)"),
     "quickstart": ("llava_jp.quickstart", "the whole pipeline on a tiny model and synthetic data, on CPU"),
     "data": ("data_ja.cli", "Japanese training data: convert, translate, check, mix"),
+    "eval": ("llava_jp.eval.runner", "score a model on JA-VG-VQA-500, JA-VLM-Bench-In-the-Wild and Heron-Bench"),
 }
 ACCEPTS_OVERRIDES = {"train"}
 

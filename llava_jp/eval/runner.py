@@ -1,0 +1,283 @@
+"""The evaluation loop behind ``llava-jp eval``: generate (resumably), score, report.
+
+Layout of ``out_dir``::
+
+    predictions/<task>.jsonl   one line per answered sample, appended after every batch
+    details/<task>.jsonl       per-sample scores and judge verdicts (rewritten each run)
+    judge_cache.jsonl          every parseable judge reply, keyed by a hash of the request
+    scores.json, results.md, radar.png
+
+A re-run skips samples whose id is already in ``predictions/`` and asks the judge only what
+``judge_cache.jsonl`` does not answer, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ._jsonl import append_records, read_records
+from .judge import HERON_STYLES, JudgeClient, Judgment, judge_heron, judge_one_to_five
+from .report import write_report
+from .rouge import PROTOCOLS, aggregate_rouge_l, rouge_l_scores
+from .tasks import TASKS, EvalTask, load_task
+
+GenerateFn = Callable[[list[Image.Image], list[str]], list[str]]
+logger = logging.getLogger(__name__)
+
+
+def generate_predictions(
+    task: EvalTask,
+    generate_fn: GenerateFn,
+    path: Path,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[str]:
+    """Answer every sample of ``task`` not yet in ``path``; returns answers in sample order."""
+    done = {r["id"]: r["prediction"] for r in read_records(path)}
+    todo = [s for s in task.samples if s.id not in done]
+    with tqdm(
+        total=len(task.samples),
+        initial=len(task.samples) - len(todo),
+        desc=task.name,
+        unit="q",
+        disable=not progress,
+    ) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            answers = generate_fn([task.image(s) for s in batch], [s.question for s in batch])
+            if len(answers) != len(batch) or not all(isinstance(a, str) for a in answers):
+                raise ValueError(
+                    f"generate_fn returned {len(answers)} answers for {len(batch)} questions "
+                    "(expected one string per question)"
+                )
+            append_records(
+                path,
+                [
+                    {"id": s.id, "question": s.question, "reference": s.reference, "prediction": a}
+                    for s, a in zip(batch, answers)
+                ],
+            )
+            done.update((s.id, a) for s, a in zip(batch, answers))
+            bar.update(len(batch))
+    return [done[s.id] for s in task.samples]
+
+
+def _judgment_fields(prefix: str, judgment: Judgment) -> dict:
+    return {
+        prefix: judgment.value,
+        f"{prefix}_error": judgment.error,
+        f"{prefix}_reply": judgment.reply,
+    }
+
+
+def score_task(
+    task: EvalTask,
+    predictions: Sequence[str],
+    protocol: str = "llm-jp-eval-mm",
+    judge: JudgeClient | None = None,
+    heron_style: str = "heron",
+    llm_judge_rouge: bool = False,
+) -> tuple[dict, list[dict]]:
+    """(summary, per-sample details) for one task's predictions."""
+    details = [{"id": s.id, "prediction": p} for s, p in zip(task.samples, predictions)]
+    if task.metric == "rouge-l":
+        per_sample = rouge_l_scores([s.reference for s in task.samples], predictions, protocol)
+        summary = {
+            "metric": "rouge-l",
+            "protocol": protocol,
+            "score": aggregate_rouge_l(per_sample, protocol),
+            "samples": len(per_sample),
+        }
+        for row, value in zip(details, per_sample):
+            row["rouge_l"] = value
+        if llm_judge_rouge and judge is not None:
+            summary["llm_judge"], judgments = judge_one_to_five(judge, task.samples, predictions)
+            for row, judgment in zip(details, judgments):
+                row.update(_judgment_fields("llm_judge", judgment))
+        return summary, details
+
+    if judge is None:
+        return {"metric": "heron-bench", "score": None, "note": "not scored: no judge configured"}, details
+    summary, judgments = judge_heron(judge, task.samples, predictions, heron_style)
+    for row, sample, judgment in zip(details, task.samples, judgments):
+        row["category"] = sample.category
+        row.update(_judgment_fields("judge_scores", judgment))
+    return {"metric": "heron-bench", "samples": len(task.samples), **summary}, details
+
+
+def _write_details(path: Path, details: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in details), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_eval(
+    tasks: Sequence[str | EvalTask],
+    generate_fn: GenerateFn,
+    out_dir: str | Path,
+    judge: JudgeClient | None = None,
+    batch_size: int = 8,
+    *,
+    model_name: str = "ours",
+    protocol: str = "llm-jp-eval-mm",
+    sources: dict[str, str] | None = None,
+    limit: int | None = None,
+    heron_style: str = "heron",
+    llm_judge_rouge: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Generate, score and report every task; returns the ``scores.json`` content.
+
+    ``tasks`` are names (loaded from ``sources[name]`` or the hub) or loaded :class:`EvalTask`s.
+    ``generate_fn(images, questions) -> answers`` is called once per batch of ``batch_size``.
+    Heron-Bench is scored only with a ``judge``; without one its predictions are still written.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = sources or {}
+    names = [t if isinstance(t, str) else t.name for t in tasks]
+    if judge is None and "heron-bench" in names:
+        logger.warning("no judge configured: Heron-Bench answers are generated but not scored")
+    scores = {"model": model_name, "protocol": protocol, "limit": limit, "tasks": {}}
+    for task in tasks:
+        if isinstance(task, str):
+            task = load_task(task, sources.get(task), protocol=protocol, limit=limit)
+        predictions = generate_predictions(
+            task, generate_fn, out_dir / "predictions" / f"{task.name}.jsonl", batch_size, progress
+        )
+        summary, details = score_task(task, predictions, protocol, judge, heron_style, llm_judge_rouge)
+        _write_details(out_dir / "details" / f"{task.name}.jsonl", details)
+        scores["tasks"][task.name] = summary
+    write_report(scores, out_dir)
+    return scores
+
+
+# ---- command line -------------------------------------------------------------------------
+
+
+def _parse_sources(pairs: Sequence[str]) -> dict[str, str]:
+    sources = {}
+    for pair in pairs:
+        name, sep, source = pair.partition("=")
+        if not sep or name not in TASKS:
+            raise SystemExit(
+                f"--data expects TASK=SOURCE with TASK one of {sorted(TASKS)}, got {pair!r}"
+            )
+        sources[name] = source
+    return sources
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``llava-jp eval``."""
+    parser.add_argument("--model", required=True, help="model folder or hub id to evaluate")
+    parser.add_argument(
+        "--tasks",
+        default=",".join(TASKS),
+        help=f"comma-separated tasks (default: all of {', '.join(TASKS)})",
+    )
+    parser.add_argument("--out", required=True, help="output folder (re-use it to resume)")
+    parser.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="TASK=SOURCE",
+        help="load TASK from a local parquet file/folder or another hub id (repeatable)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="llm-jp-eval-mm", help="ROUGE-L protocol")
+    parser.add_argument("--limit", type=int, default=None, help="first N samples per task (smoke test)")
+    parser.add_argument("--model-name", default=None, help="name in the results table")
+    judge = parser.add_argument_group("judge (OpenAI-compatible chat API)")
+    judge.add_argument("--judge-base-url", default=None, help="e.g. https://api.openai.com/v1 "
+                       "(env LLAVA_JP_JUDGE_BASE_URL); Heron-Bench is not scored without one")
+    judge.add_argument("--judge-model", default=None, help="env LLAVA_JP_JUDGE_MODEL; default gpt-4-0125-preview")
+    judge.add_argument("--judge-api-key", default=None, help="env LLAVA_JP_JUDGE_API_KEY or OPENAI_API_KEY")
+    judge.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per request")
+    judge.add_argument("--judge-attempts", type=int, default=3, help="requests per judgment at most")
+    judge.add_argument("--judge-workers", type=int, default=4, help="concurrent judge requests")
+    judge.add_argument("--heron-judge-style", choices=HERON_STYLES, default="heron")
+    judge.add_argument(
+        "--llm-judge-rouge",
+        action="store_true",
+        help="also score the ROUGE-L tasks with llm-jp-eval-mm's 1-5 LLM judge",
+    )
+    return parser
+
+
+def load_model(model_path: str, device: str | None = None):
+    """(model, processor) of a saved llava-jp model, in eval mode on ``device`` (default: cuda if any)."""
+    import torch
+
+    from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = LlavaJpForConditionalGeneration.from_pretrained(model_path).to(device).eval()
+    return model, LlavaJpProcessor.from_pretrained(model_path)
+
+
+def model_generate_fn(model_path: str, max_new_tokens: int = 256, device: str | None = None) -> GenerateFn:
+    """``generate_fn`` backed by a saved llava-jp model (greedy, batched, left-padded)."""
+    from llava_jp.inference import generate_answers
+
+    model, processor = load_model(model_path, device)
+
+    def generate(images: list[Image.Image], questions: list[str]) -> list[str]:
+        return generate_answers(model, processor, images, questions, max_new_tokens=max_new_tokens)
+
+    return generate
+
+
+def main_eval(args: argparse.Namespace) -> dict:
+    """Run ``llava-jp eval`` from parsed :func:`add_eval_arguments` arguments."""
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise SystemExit(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}")
+    sources = _parse_sources(args.data)
+    out_dir = Path(args.out)
+    judge = JudgeClient.from_env(
+        args.judge_base_url,
+        args.judge_model,
+        args.judge_api_key,
+        cache_path=out_dir / "judge_cache.jsonl",
+        timeout=args.judge_timeout,
+        max_attempts=args.judge_attempts,
+        workers=args.judge_workers,
+    )
+    scores = run_eval(
+        tasks,
+        model_generate_fn(args.model, args.max_new_tokens, args.device),
+        out_dir,
+        judge,
+        args.batch_size,
+        model_name=args.model_name or Path(args.model).name,
+        protocol=args.protocol,
+        sources=sources,
+        limit=args.limit,
+        heron_style=args.heron_judge_style,
+        llm_judge_rouge=args.llm_judge_rouge,
+    )
+    print((out_dir / "results.md").read_text(encoding="utf-8"))
+    return scores
+
+
+# `llava-jp eval` (llava_jp/cli.py routes a subcommand to `add_arguments` / `run`).
+add_arguments = add_eval_arguments
+
+
+def run(args: argparse.Namespace) -> int:
+    main_eval(args)
+    return 0

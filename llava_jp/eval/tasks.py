@@ -1,0 +1,279 @@
+"""The three Japanese VLM benchmarks as lists of samples, loaded from the hub or a local copy.
+
+Schemas (as published on the hub; tests build tiny copies of each):
+
+``ja-vg-vqa-500``: ``SakanaAI/JA-VG-VQA-500``, split ``test``, one row per image:
+    ``image_id, url, width, height, coco_id, flickr_id, image,
+    qas: [{qa_id, question, answer, q_objects, a_objects}]``. Every QA is a sample (id ``qa_id``),
+    as llm-jp-eval-mm does; under the Sakana protocol only ``qas[0]`` of each image is.
+``ja-vlm-bench-in-the-wild``: ``SakanaAI/JA-VLM-Bench-In-the-Wild``, split ``test``:
+    ``page_url, image_url, image, question, answer``; sample id = row index.
+``heron-bench``: ``turing-motors/Japanese-Heron-Bench`` is a file repository, not a table:
+    ``questions_ja.jsonl`` ({question_id, image, category, image_category, text}),
+    ``context_ja.jsonl`` ({id, image, caption}), ``answers_gpt4.jsonl`` ({question_id, text, ...},
+    the GPT-4 reference answers) and ``images/NNN.jpg``. The same data flattened into one table
+    (``Silviase/Japanese-Heron-Bench``, split ``train``, what llm-jp-eval-mm loads) has
+    ``question_id, image, category, image_category, context, text,
+    answer: {gpt-4-0125-preview, ...}``. Both load here; the reference answer is GPT-4's.
+
+A ``source`` is a hub id, a parquet file, a folder of parquet files named by split
+(``test-00000-of-00001.parquet`` or ``test/…``), a ``save_to_disk`` folder, or — for Heron-Bench —
+a folder in the original file layout.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+HERON_REFERENCE_MODEL = "gpt-4-0125-preview"
+HERON_CATEGORIES = ("conv", "detail", "complex")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One question to answer. ``row`` indexes the task's rows, where the image lives."""
+
+    id: str
+    question: str
+    reference: str
+    row: int
+    category: str | None = None  # heron-bench: conv / detail / complex
+    context: str | None = None  # heron-bench: the image description the judge reads
+
+
+@dataclass
+class EvalTask:
+    """A loaded benchmark: its samples, and the rows their images are decoded from on demand."""
+
+    name: str
+    metric: str  # "rouge-l" or "heron-bench"
+    samples: list[Sample]
+    rows: Any  # datasets.Dataset or list of dicts, indexable by Sample.row
+    base_dir: Path | None = None  # for image paths stored relative to the source folder
+
+    def image(self, sample: Sample) -> Image.Image:
+        """The sample's image as RGB (decoded now, so only unfinished samples pay for it)."""
+        return to_pil(self.rows[sample.row]["image"], self.base_dir)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    hub_id: str
+    split: str
+    metric: str
+    build: Callable[..., list[Sample]]
+
+
+def to_pil(value: Any, base_dir: Path | None = None) -> Image.Image:
+    """An image cell (PIL image, ``{"bytes", "path"}`` struct, or file path) as an RGB image."""
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, dict) and value.get("bytes"):
+        image = Image.open(io.BytesIO(value["bytes"]))
+    else:
+        path = Path(value["path"] if isinstance(value, dict) else value)
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        image = Image.open(path)
+    return image.convert("RGB")
+
+
+def _require(row: dict, columns: Sequence[str], task: str) -> None:
+    missing = [c for c in columns if c not in row]
+    if missing:
+        raise ValueError(f"{task}: rows lack column(s) {missing}; found {sorted(row)}")
+
+
+def _vg_vqa_samples(rows, protocol: str) -> list[Sample]:
+    samples = []
+    for i, row in enumerate(rows):
+        _require(row, ["qas"], "ja-vg-vqa-500")
+        qas = row["qas"] if protocol == "llm-jp-eval-mm" else row["qas"][:1]
+        samples += [Sample(str(qa["qa_id"]), qa["question"], qa["answer"], i) for qa in qas]
+    return samples
+
+
+def _wild_samples(rows, protocol: str) -> list[Sample]:
+    samples = []
+    for i, row in enumerate(rows):
+        _require(row, ["question", "answer"], "ja-vlm-bench-in-the-wild")
+        samples.append(Sample(str(i), row["question"], row["answer"], i))
+    return samples
+
+
+def _heron_samples(rows, protocol: str) -> list[Sample]:
+    samples = []
+    for i, row in enumerate(rows):
+        _require(row, ["question_id", "category", "context", "text", "answer"], "heron-bench")
+        if row["category"] not in HERON_CATEGORIES:
+            raise ValueError(f"heron-bench: unknown category {row['category']!r} in row {i}")
+        samples.append(
+            Sample(
+                str(row["question_id"]),
+                row["text"],
+                row["answer"][HERON_REFERENCE_MODEL],
+                i,
+                category=row["category"],
+                context=row["context"],
+            )
+        )
+    return samples
+
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec("ja-vg-vqa-500", "SakanaAI/JA-VG-VQA-500", "test", "rouge-l", _vg_vqa_samples),
+        TaskSpec(
+            "ja-vlm-bench-in-the-wild",
+            "SakanaAI/JA-VLM-Bench-In-the-Wild",
+            "test",
+            "rouge-l",
+            _wild_samples,
+        ),
+        TaskSpec(
+            "heron-bench", "turing-motors/Japanese-Heron-Bench", "train", "heron-bench", _heron_samples
+        ),
+    )
+}
+
+
+def _without_images(rows):
+    """The rows with their image column dropped, so building samples decodes no image."""
+    if isinstance(rows, list):
+        return rows
+    return rows.remove_columns([c for c in rows.column_names if c == "image"])
+
+
+def _is_heron_file_layout(path: Path) -> bool:
+    return (path / "questions_ja.jsonl").is_file()
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _heron_rows_from_files(root: Path) -> list[dict]:
+    """Flatten the original Heron-Bench files into rows of the one-table schema."""
+    questions = _read_jsonl(root / "questions_ja.jsonl")
+    captions = {c["image"]: c["caption"] for c in _read_jsonl(root / "context_ja.jsonl")}
+    answers = {a["question_id"]: a["text"] for a in _read_jsonl(root / "answers_gpt4.jsonl")}
+    rows = []
+    for q in questions:
+        if q["image"] not in captions or q["question_id"] not in answers:
+            raise ValueError(
+                f"heron-bench: question {q['question_id']} has no context or GPT-4 answer in {root}"
+            )
+        rows.append(
+            {
+                "question_id": q["question_id"],
+                "image": str(Path("images") / q["image"]),
+                "category": q["category"],
+                "image_category": q.get("image_category"),
+                "context": captions[q["image"]],
+                "text": q["text"],
+                "answer": {HERON_REFERENCE_MODEL: answers[q["question_id"]]},
+            }
+        )
+    return rows
+
+
+def _parquet_table(files: Sequence[Path]):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # In memory, no HF cache: the benchmark files are small (< 100 MB).
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    return datasets.Dataset(table)
+
+
+def _split_files(folder: Path, split: str) -> list[Path]:
+    files = sorted(folder.rglob("*.parquet"))
+    chosen = [f for f in files if f.name.startswith(f"{split}-") or f.stem == split or f.parent.name == split]
+    if not chosen:
+        raise FileNotFoundError(
+            f"no parquet file for split {split!r} under {folder} (expected {split}-*.parquet or "
+            f"{split}/*.parquet; found {[str(f.relative_to(folder)) for f in files]}); "
+            "pass the parquet file itself to use it whatever its name"
+        )
+    return chosen
+
+
+def open_rows(source: str | Path, split: str):
+    """The table a source names: hub id, parquet file, parquet folder or ``save_to_disk`` folder."""
+    path = Path(source)
+    if path.is_file():
+        return _parquet_table([path])
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            import datasets
+
+            loaded = datasets.load_from_disk(str(path))
+            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        return _parquet_table(_split_files(path, split))
+    import datasets
+
+    return datasets.load_dataset(str(source), split=split)
+
+
+def _heron_file_root(source: str | Path) -> Path | None:
+    """The folder holding Heron-Bench's original files, downloading them for the hub id."""
+    path = Path(source)
+    if path.is_dir():
+        return path if _is_heron_file_layout(path) else None
+    if str(source) == TASKS["heron-bench"].hub_id:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            str(source),
+            repo_type="dataset",
+            allow_patterns=["*.jsonl", "images/*"],
+        )
+        return Path(local)
+    return None
+
+
+def load_task(
+    name: str,
+    source: str | Path | None = None,
+    *,
+    split: str | None = None,
+    protocol: str = "llm-jp-eval-mm",
+    limit: int | None = None,
+) -> EvalTask:
+    """Load benchmark ``name`` from ``source`` (default: its hub id).
+
+    ``protocol`` only changes which JA-VG-VQA-500 QAs are samples (all, or ``qas[0]`` for
+    ``"sakana"``). ``limit`` keeps the first N samples (smoke runs; scores are then not comparable).
+    """
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    if protocol not in ("llm-jp-eval-mm", "sakana"):
+        raise ValueError(f"unknown protocol {protocol!r}")
+    spec = TASKS[name]
+    source = spec.hub_id if source is None else source
+    base_dir = Path(source) if Path(source).is_dir() else None
+
+    heron_root = _heron_file_root(source) if name == "heron-bench" else None
+    if heron_root is not None:
+        rows, base_dir = _heron_rows_from_files(heron_root), heron_root
+    else:
+        rows = open_rows(source, split or spec.split)
+
+    samples = spec.build(_without_images(rows), protocol)
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{name}: sample ids are not unique in {source}")
+    if limit is not None:
+        samples = samples[:limit]
+    return EvalTask(name, spec.metric, samples, rows, base_dir)

@@ -1,0 +1,81 @@
+"""The llm-jp-eval-mm adapter: the harness's call shapes reach our batched answer function."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from llava_jp.eval.llm_jp_eval_mm import VLM, generation_kwargs, get_class_from_model_id
+from llava_jp.eval.testing import tiny_image
+
+
+@dataclass
+class GenerationConfig:  # the harness's dataclass, same fields and defaults
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    num_beams: int = 1
+    do_sample: bool = False
+    use_cache: bool = True
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, images, questions, **kwargs):
+        self.calls.append((images, questions, kwargs))
+        return [f"{q}:{i.getpixel((0, 0)) if i else None}" for i, q in zip(images, questions)]
+
+
+def test_generate_answers_one_image_greedy():
+    recorder = Recorder()
+    vlm = VLM("some/model", answer_fn=recorder)
+    answer = vlm.generate([tiny_image("red").convert("L")], "<image>\n何色？", GenerationConfig())
+    assert answer == "何色？:(76, 76, 76)"  # a grey-scale "L" pixel would be one int: now RGB
+    _, questions, kwargs = recorder.calls[0]
+    assert questions == ["何色？"]
+    assert kwargs == {"max_new_tokens": 256, "num_beams": 1, "do_sample": False, "use_cache": True}
+
+
+def test_batch_generate_is_one_batched_call():
+    recorder = Recorder()
+    vlm = VLM("m", answer_fn=recorder)
+    answers = vlm.batch_generate(
+        [[tiny_image("red")], [tiny_image("blue")]], ["a", "b"], GenerationConfig(max_new_tokens=8)
+    )
+    assert answers == ["a:(255, 0, 0)", "b:(0, 0, 255)"]
+    assert len(recorder.calls) == 1 and recorder.calls[0][2]["max_new_tokens"] == 8
+
+
+def test_sampling_passes_temperature_and_defaults_without_config():
+    assert generation_kwargs(GenerationConfig(do_sample=True, temperature=0.7))["temperature"] == 0.7
+    assert generation_kwargs() == {"max_new_tokens": 256}
+    assert generation_kwargs({"max_new_tokens": 5, "temperature": 0.0}) == {"max_new_tokens": 5}
+
+
+@pytest.mark.parametrize("images", [[], None])
+def test_no_image_is_a_text_only_question(images):
+    recorder = Recorder()
+    assert VLM("m", answer_fn=recorder).generate(images, "q") == "q:None"
+    assert recorder.calls[0][0] == [None]
+
+
+def test_several_images_are_refused():
+    with pytest.raises(ValueError, match="2 images; llava-jp models take at most one"):
+        VLM("m", answer_fn=Recorder()).generate([tiny_image("red"), tiny_image("blue")], "q")
+
+
+def test_real_tiny_model_through_the_adapter(tiny_dir):
+    from llava_jp.eval.runner import load_model
+    from llava_jp.inference import generate_answers
+
+    vlm = VLM(str(tiny_dir), device="cpu")
+    image = tiny_image("red")
+    answers = vlm.batch_generate([[image], None], ["何色ですか？", "こんにちは"], GenerationConfig(max_new_tokens=6))
+    model, processor = load_model(str(tiny_dir), "cpu")
+    expected = generate_answers(model, processor, [image, None], ["何色ですか？", "こんにちは"], max_new_tokens=6)
+    assert answers == expected and all(isinstance(a, str) for a in answers)
+
+
+def test_model_table_hook_returns_the_adapter():
+    assert get_class_from_model_id("/any/path") is VLM
