@@ -145,12 +145,14 @@ def test_adamw_8bit_keeps_embedding_state_in_32_bit(workspace):
 def test_truncation_is_counted_and_never_cuts_an_answer(workspace):
     processor = setup_model(_cfg(workspace, "unused", max_steps=1))[1]
     records, fp = load_records(str(workspace["stage2"]))
-    dataset, report = encode_dataset(records, fp, processor, max_length=60)
-    assert report.truncated + sum(report.dropped.values()) > 0
-    assert report.kept + sum(report.dropped.values()) == report.total
+    full, _ = encode_dataset(records, fp, processor, max_length=1024)
+    limit = min(full["length"]) - 3  # every sample is too long: its last answer must go whole
+    dataset, report = encode_dataset(records, fp, processor, max_length=limit)
+    assert report.truncated == report.total == report.kept == len(full)
     eos = processor.tokenizer.eos_token_id
-    for ids, labels in zip(dataset["input_ids"], dataset["labels"]):
-        assert len(ids) <= 60 and labels[-1] == eos and ids[-1] == eos
+    for ids, labels, whole in zip(dataset["input_ids"], dataset["labels"], full["input_ids"]):
+        assert len(ids) <= limit and labels[-1] == eos and ids[-1] == eos
+        assert ids == whole[:len(ids)] and ids.count(eos) == whole.count(eos) - 1
 
 
 def test_bad_conversations_are_counted_or_fail_fast(workspace, tmp_path):
