@@ -228,3 +228,22 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(workspace, tmp_path):
     final = load_file(killed / "model" / "model.safetensors")
     ref_final = load_file(full / "model" / "model.safetensors")
     assert all(torch.equal(final[k], ref_final[k]) for k in ref_final)
+
+
+def test_two_process_ddp_matches_one_process_for_the_same_global_batch(workspace, tmp_path):
+    """2 CPU processes (gloo) x batch 4 vs 1 process x batch 8, with gradient accumulation."""
+    args = ["--model", str(workspace["base"]), "--data_path", str(workspace["mixed"]), "--image_folder",
+            str(workspace["images"]), "--stage", "2", "--learning_rate", "1e-3", "--max_steps", "4",
+            "--logging_steps", "1", "--warmup_ratio", "0", "--max_length", "256", "--seed", "5",
+            "--save_steps", "1000", "--gradient_accumulation_steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "llava_jp.cli", "train", *args, "--per_device_batch_size", "8",
+                    "--output_dir", str(tmp_path / "one")], check=True, env=env, capture_output=True)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+    subprocess.run([*launch, "-m", "llava_jp.cli", "train", *args, "--per_device_batch_size", "4",
+                    "--output_dir", str(tmp_path / "two")], check=True, env={**env, "ACCELERATE_USE_CPU": "1"},
+                   capture_output=True)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5
