@@ -10,6 +10,8 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("llava_jp.info", "parameter counts and image-token shape of a preset or model"),
+    "chat": ("llava_jp.chat_cli", "chat about an image in the terminal (Japanese, streamed, multi-turn)"),
+    "demo": ("llava_jp.demo", "Japanese web chat demo (Gradio; needs the [demo] extra)"),
 }
 
 
