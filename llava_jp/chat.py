@@ -140,6 +140,15 @@ class _StopOnEvent(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class JapaneseTextStreamer(TextIteratorStreamer):
+    """Releases text as soon as it ends in a Japanese character: transformers' streamer holds
+    text back until a space or a kanji, so kana-only Japanese would arrive in one piece."""
+
+    def _is_chinese_char(self, cp: int) -> bool:
+        # CJK punctuation, hiragana, katakana, full-width forms (U+FFFD, a partial byte, waits)
+        return super()._is_chinese_char(cp) or 0x3000 <= cp <= 0x30FF or 0xFF00 <= cp <= 0xFFEF
+
+
 class ChatSession:
     """One image (or none) and a conversation about it, answered by `model`.
 
@@ -249,7 +258,7 @@ class Turn:
         messages = session.prompt_messages(self.history, self.question)
         batch = processor(conversations=messages, images=images, add_generation_prompt=True)
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = JapaneseTextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop = threading.Event()
         errors: list[BaseException] = []
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import tempfile
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -194,17 +195,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .chat import load_model
+    from importlib.util import find_spec
+
+    from .chat import load_model, resolve_model
 
     try:
-        import gradio  # noqa: F401
-    except ImportError:
-        print("gradio がインストールされていません: pip install 'llava-jp[demo]'")
-        return 2
-    try:
-        model, processor = load_model(args.model, args.device)
+        model_path = resolve_model(args.model)
+        if find_spec("gradio") is None:
+            raise ChatError("gradio がインストールされていません: pip install 'llava-jp[demo]'")
+        model, processor = load_model(model_path, args.device)
     except ChatError as err:
-        print(f"エラー: {err}")
+        print(f"エラー: {err}", file=sys.stderr)
         return 2
     serve(build_demo(model, processor, args.max_image_pixels), args.host, args.port)
     return 0

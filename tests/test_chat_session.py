@@ -8,6 +8,7 @@ from llava_jp.chat import (
     ChatError,
     ChatSession,
     GenerationSettings,
+    JapaneseTextStreamer,
     load_chat_image,
     load_model,
     resolve_model,
@@ -85,6 +86,15 @@ def test_answers_stream_piece_by_piece_while_generating(tiny):
         calls_at_piece.append(len(calls))
     assert len(pieces) > 1 and "".join(pieces) == turn.text and turn.finished
     assert calls_at_piece[0] < len(calls)  # the first piece arrived before decoding ended
+
+
+def test_kana_streams_character_by_character(tiny):
+    _, processor = tiny
+    streamer = JapaneseTextStreamer(processor.tokenizer, skip_prompt=False)
+    for token in processor.tokenizer("これはりんごです。apple pie", add_special_tokens=False)["input_ids"]:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    assert list(streamer)[:9] == list("これはりんごです。")
 
 
 def test_closing_the_stream_stops_generation_and_keeps_what_was_shown(tiny):
