@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -35,14 +35,6 @@ MAX_IMAGE_PIXELS = 40_000_000
 # Used when the LM's config names no context length.
 FALLBACK_CONTEXT_LENGTH = 2048
 
-EXAMPLE_QUESTIONS = (
-    "この画像について説明してください。",
-    "何色の図形がありますか？",
-    "図形の形は何ですか？",
-    "画像に書かれている数字は何ですか？",
-)
-
-
 class ChatError(ValueError):
     """A problem to show to the person chatting (the message is in Japanese)."""
 
@@ -53,25 +45,20 @@ def load_chat_image(image: ImageLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Ima
 
     The size is read from the header before any pixel is decoded.
     """
+    use_smaller = f"{max_pixels:,} 画素以下の画像を使ってください。"
     try:
         if isinstance(image, Image.Image):
-            size = image.size
+            width, height = image.size
         else:
-            with Image.open(image) as probe:
-                size = probe.size
-        width, height = size
-        if width * height > max_pixels:
-            raise ChatError(
-                f"画像が大きすぎます（{width}×{height} = {width * height:,} 画素）。"
-                f"{max_pixels:,} 画素以下の画像を使ってください。"
-            )
-        return load_image(image)
+            with Image.open(image) as probe:  # reads the header only
+                width, height = probe.size
+        if width * height <= max_pixels:
+            return load_image(image)
     except Image.DecompressionBombError:
-        raise ChatError(f"画像が大きすぎます。{max_pixels:,} 画素以下の画像を使ってください。") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        if isinstance(err, ChatError):
-            raise
+        raise ChatError(f"画像が大きすぎます。{use_smaller}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise ChatError("画像ファイルとして読み込めませんでした。PNG や JPEG などの画像を選んでください。") from None
+    raise ChatError(f"画像が大きすぎます（{width}×{height} = {width * height:,} 画素）。{use_smaller}")
 
 
 # -- generation settings -----------------------------------------------------------------------
@@ -114,9 +101,6 @@ class GenerationSettings:
         if self.repetition_penalty != 1.0:
             kwargs["repetition_penalty"] = self.repetition_penalty
         return kwargs
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def context_length(model) -> int:

@@ -18,12 +18,18 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .chat import EXAMPLE_QUESTIONS, MAX_IMAGE_PIXELS, ChatError, ChatSession, GenerationSettings, load_chat_image
+from .chat import MAX_IMAGE_PIXELS, ChatError, ChatSession, GenerationSettings, load_chat_image
 from .chat_cli import add_model_arguments
 
 logger = logging.getLogger(__name__)
 
 TITLE = "llava-jp デモ"
+EXAMPLE_QUESTIONS = (
+    "この画像について説明してください。",
+    "何色の図形がありますか？",
+    "図形の形は何ですか？",
+    "画像に書かれている数字は何ですか？",
+)
 SLIDER_LABELS = {
     "temperature": ("温度（temperature）", "0 で貪欲法（毎回同じ回答）、大きいほど多様", 0.05),
     "top_p": ("top_p", "確率の高い候補から累積でこの割合までを使う", 0.05),
