@@ -207,7 +207,8 @@ class ChatSession:
 
 class Turn:
     """An answer being generated. Iterating yields text pieces as they are decoded (iterate
-    once); when iteration ends, the question and the answer so far join the session's history.
+    once). When the answer is complete, or the reader stops early (closes the iterator), the
+    question and the answer shown so far join the session's history; after an error, nothing does.
 
     dropped_turns / notice: how many of the oldest exchanges were left out to fit the context,
     and a Japanese sentence saying so (None when nothing was dropped).
@@ -258,6 +259,7 @@ class Turn:
 
         thread = threading.Thread(target=work, name="llava-jp-generate", daemon=True)
         thread.start()
+        interrupted = False
         try:
             for piece in streamer:
                 if not self.text:
@@ -269,15 +271,17 @@ class Turn:
             if errors:
                 raise errors[0]
             self.finished = True
+        except GeneratorExit:  # the reader stopped early: what it showed is kept
+            interrupted = True
+            raise
         finally:
             stop.set()
             thread.join()
             self.text = self.text.rstrip()
-            self._commit()
+            if self.finished or (interrupted and self.text):
+                self._commit()
 
     def _commit(self) -> None:
-        if not (self.finished or self.text):
-            return
         self.session.messages = self.history + [
             {"role": "user", "content": self.question},
             {"role": "assistant", "content": self.text},

@@ -114,7 +114,6 @@ class DemoHandlers:
         display = state.display + [{"role": "user", "content": turn.question}, {"role": "assistant", "content": ""}]
         notice = f"ℹ️ {turn.notice}" if turn.notice else ""
         yield display, state, notice or "回答を生成しています…", ""
-        status = "回答しました。"
         try:
             with closing(iter(turn)) as stream:  # a closed page stops the generation too
                 for piece in stream:
@@ -122,9 +121,10 @@ class DemoHandlers:
                     yield display, state, notice or "回答を生成しています…", ""
         except Exception:
             logger.exception("generation failed")
-            status = f"⚠️ {INTERNAL_ERROR}"
+            yield state.display, state, f"⚠️ {INTERNAL_ERROR}", turn.question
+            return
         state = Conversation(image=state.image, messages=session.messages, display=display)
-        yield display, state, " ".join(s for s in (notice, status) if s), ""
+        yield display, state, " ".join(s for s in (notice, "回答しました。") if s), ""
 
 
 def _unchanged():

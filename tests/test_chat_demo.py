@@ -109,6 +109,21 @@ def test_handlers_refuse_bad_input_in_japanese(demo_model):
         assert new_state is state and status.startswith("⚠️") and message in status and box == question
 
 
+def test_a_failed_generation_leaves_the_conversation_as_it_was(demo_model, monkeypatch):
+    model, processor = demo_model
+    handlers = DemoHandlers(model, processor)
+    state = Conversation(messages=[{"role": "user", "content": "前"}, {"role": "assistant", "content": "答"}])
+    state.display = list(state.messages)
+
+    def broken(**kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(model, "generate", broken)
+    *_, (chat, new_state, status, box) = handlers.respond("何色？", state, *SLIDERS)
+    assert new_state is state and chat == state.display and box == "何色？"
+    assert status == "⚠️ 内部エラーで回答できませんでした。サーバーのログを確認してください。"
+
+
 def test_example_images_are_drawn_at_startup(tmp_path):
     paths = make_example_images(tmp_path)
     assert list(paths) == ["赤い丸", "青い四角", "緑の三角", "数字の7"]
