@@ -14,6 +14,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("llava_jp.quickstart", "the whole pipeline on a tiny model and synthetic data, on CPU"),
     "data": ("data_ja.cli", "Japanese training data: convert, translate, check, mix"),
     "eval": ("llava_jp.eval.runner", "score a model on JA-VG-VQA-500, JA-VLM-Bench-In-the-Wild and Heron-Bench"),
+    "chat": ("llava_jp.chat_cli", "chat about an image in the terminal (Japanese, streamed, multi-turn)"),
+    "demo": ("llava_jp.demo", "Japanese web chat demo (Gradio; needs the [demo] extra)"),
 }
 ACCEPTS_OVERRIDES = {"train"}
 

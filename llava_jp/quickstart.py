@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 
 from .builder import build
+from .chat import QUICKSTART_MODEL_DIR
 from .inference import generate_answers
 from .synthetic import write_dataset
 from .train.config import TrainConfig
 from .train.loop import MODEL_SUBDIR, PROJECTOR_FILE, train
 
-DEFAULT_OUT = Path("quickstart_out")
-QUICKSTART_MODEL_DIR = DEFAULT_OUT / MODEL_SUBDIR
+DEFAULT_OUT = QUICKSTART_MODEL_DIR.parent  # chat and demo serve this model by default
 
 
 def evaluate(model_dir: Path, test_path: Path, image_dir: Path, batch_size: int = 64) -> dict:
