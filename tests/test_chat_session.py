@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+
+from llava_jp.tokenizer import build_char_tokenizer
 from PIL import Image
 
 from llava_jp.chat import (
@@ -88,10 +90,10 @@ def test_answers_stream_piece_by_piece_while_generating(tiny):
     assert calls_at_piece[0] < len(calls)  # the first piece arrived before decoding ended
 
 
-def test_kana_streams_character_by_character(tiny):
-    _, processor = tiny
-    streamer = JapaneseTextStreamer(processor.tokenizer, skip_prompt=False)
-    for token in processor.tokenizer("これはりんごです。apple pie", add_special_tokens=False)["input_ids"]:
+def test_kana_streams_character_by_character():
+    tokenizer = build_char_tokenizer()  # one token per character: each must be released at once
+    streamer = JapaneseTextStreamer(tokenizer, skip_prompt=False)
+    for token in tokenizer("これはりんごです。apple pie", add_special_tokens=False)["input_ids"]:
         streamer.put(torch.tensor([token]))
     streamer.end()
     assert list(streamer)[:9] == list("これはりんごです。")
