@@ -10,6 +10,8 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("llava_jp.info", "parameter counts and image-token shape of a preset or model"),
+    "release": ("llava_jp.release", "write a hub release folder (remote code, card), verify it loads without llava-jp, push"),
+    "import-llava-jp": ("llava_jp.import_llava_jp", "convert a predecessor (LLaVA-JP v1.x) checkpoint into this format"),
 }
 
 
