@@ -156,7 +156,7 @@ def render_model_card(info: CardInfo) -> str:
         + "Japanese. Trained and released with the llava-jp toolkit.\n\n"
         + f"- Base models: {base}\n- Training data: {data}\n- Prompt format {template} (the processor builds it)\n\n"
         + "### Usage\n\n"
-        + f"No llava-jp install needed; the model code ships with this repository (`trust_remote_code=True`). "
+        + "No llava-jp install needed; the model code ships with this repository (`trust_remote_code=True`). "
         + f"Requirements:\n\n```bash\n{requirements}\n```\n\n"
         + "The `s2wrapper` module is published on PyPI as `scaling-on-scales`.\n\n"
         + _usage(info) + "\n" + verified_en + scores_en

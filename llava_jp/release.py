@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import transformers
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
@@ -160,11 +161,12 @@ def verify_release(source: str | Path, release_dir: str | Path, max_new_tokens: 
         image_path = str(Path(tmp) / "probe.png")
         probe_image(model.config.image_size).save(image_path)
         expected = release_probe.probe(model, processor, image_path, PROBE_QUESTION, max_new_tokens)
+        del model  # the child loads its own copy; at full size two fp32 copies are 15 GB
         out = Path(tmp) / "release.safetensors"
         command = [sys.executable, "-I", release_probe.__file__, str(release_dir), image_path, PROBE_QUESTION,
                    str(max_new_tokens), str(out)]
         env = dict(os.environ, HF_HUB_OFFLINE="1")
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+        done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, env=env)
         if done.returncode != 0:
             raise ReleaseError(f"the release folder did not load without llava-jp:\n{done.stderr[-4000:]}")
         loaded = json.loads(done.stdout.strip().splitlines()[-1])
@@ -234,18 +236,19 @@ def release(
     processor.save_pretrained(out)
     write_remote_code(out)
     add_auto_map(out)
+    summary = model_summary(model, processor)
+    base_models = list(base_models) if base_models else default_base_models(model)
+    del model  # verification loads fp32 copies; keep at most one in memory at a time
     report: dict = {"out": str(out)}
     if verify:
         report["verification"] = verify_release(model_dir, out, max_new_tokens=max_new_tokens)
         if not report["verification"]["passed"]:
             raise ReleaseError(f"the release does not reproduce the source model: {json.dumps(report['verification'])}")
-    import transformers
-
     card = CardInfo(
-        model=model_summary(model, processor),
+        model=summary,
         repo_id=repo_id,
         license=license,
-        base_models=list(base_models) if base_models else default_base_models(model),
+        base_models=base_models,
         datasets=list(datasets or []),
         scores=scores,
         verification=report.get("verification"),

@@ -32,7 +32,6 @@ def block_llava_jp() -> None:
         def find_spec(self, name, path=None, target=None):
             if name == "llava_jp" or name.startswith("llava_jp."):
                 raise ImportError(f"{name} is blocked: a release must load without llava-jp")
-            return None
 
     sys.meta_path.insert(0, BlockLlavaJp())
 

@@ -9,7 +9,12 @@ from PIL import Image
 from safetensors.torch import save_file
 from tokenizers import processors
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, SiglipVisionConfig, SiglipVisionModel
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
 from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor, vision
 from llava_jp.cli import main as cli_main

@@ -18,7 +18,12 @@ from transformers.dynamic_module_utils import get_relative_import_files
 from llava_jp import release_probe
 from llava_jp.cli import main as cli_main
 from llava_jp.model_card import CardInfo, load_scores, render_model_card
-from llava_jp.release import AUTO_MAP, REMOTE_MODULES, remote_module_source, verify_release
+from llava_jp.release import (
+    AUTO_MAP,
+    REMOTE_MODULES,
+    remote_module_source,
+    verify_release,
+)
 
 SCORES = {"ja-vg-vqa-500": {"rougeL": 13.3312}, "heron-bench": {"conv": 51.0, "complex": 49.5, "detail": 50.6}}
 
@@ -110,7 +115,7 @@ def test_the_probe_process_cannot_import_llava_jp():
     code = ("import runpy; runpy.run_path({path!r})['block_llava_jp']()\n"
             "try:\n    import llava_jp.modeling\nexcept ImportError as e:\n    print('blocked:', e)")
     done = subprocess.run([sys.executable, "-I", "-c", code.format(path=release_probe.__file__)],
-                          capture_output=True, text=True, timeout=60)
+                          check=False, capture_output=True, text=True, timeout=60)
     assert done.stdout.startswith("blocked: llava_jp") and done.returncode == 0
 
 
@@ -182,3 +187,14 @@ def test_release_refusals(tiny_dir, tmp_path, capsys):
     assert "is not empty" in capsys.readouterr().err
     assert cli_main(["release", "--model", str(tiny_dir), "--out", str(tmp_path / "new"), "--push"]) == 1
     assert "--push needs --repo-id" in capsys.readouterr().err
+
+
+def test_missing_s2wrapper_names_the_pip_package(monkeypatch):
+    import importlib.util
+
+    import llava_jp.vision
+
+    monkeypatch.setitem(sys.modules, "s2wrapper", None)  # makes `import s2wrapper` fail
+    spec = importlib.util.spec_from_file_location("vision_without_s2", llava_jp.vision.__file__)
+    with pytest.raises(ImportError, match="pip install scaling-on-scales"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
