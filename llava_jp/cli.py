@@ -10,9 +10,12 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("llava_jp.info", "parameter counts and image-token shape of a preset or model"),
+    "train": ("llava_jp.train.loop", "train one stage from a YAML config (--key value overrides any field)"),
+    "quickstart": ("llava_jp.quickstart", "the whole pipeline on a tiny model and synthetic data, on CPU"),
     "release": ("llava_jp.release", "write a hub release folder (remote code, card), verify it loads without llava-jp, push"),
     "import-llava-jp": ("llava_jp.import_llava_jp", "convert a predecessor (LLaVA-JP v1.x) checkpoint into this format"),
 }
+ACCEPTS_OVERRIDES = {"train"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name)
         importlib.import_module(module_name).add_arguments(p)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ACCEPTS_OVERRIDES:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     code = importlib.import_module(args._module).run(args)
     return int(code or 0)
 

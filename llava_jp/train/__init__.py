@@ -1,0 +1,1 @@
+"""Two-stage training on accelerate: data, sampler, loop, checkpoints."""

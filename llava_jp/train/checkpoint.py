@@ -1,0 +1,113 @@
+"""Atomic checkpoints that hold only what trains, plus the state to resume exactly.
+
+A checkpoint is written into `checkpoint-N.tmp/`, every file is flushed to disk, and only
+then is the directory renamed to `checkpoint-N/` (a rename is atomic). A run killed mid-save
+leaves a `.tmp` directory that is never mistaken for a checkpoint; older checkpoints are
+removed only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "state.json"
+_NAME = re.compile(r"checkpoint-(\d+)")
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    """Write checkpoint-`step` atomically, then prune to the newest `keep` complete ones."""
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f"checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(trainable_state_dict(model), tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        files = sorted(p.name for p in tmp.iterdir())
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "files": files}), encoding="utf-8")
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in complete_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def is_complete(path: Path) -> bool:
+    """A checkpoint directory whose state file lists files that are all present."""
+    state_file = path / STATE_FILE
+    if not _NAME.fullmatch(path.name) or not state_file.is_file():
+        return False
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return all((path / name).is_file() for name in state.get("files", [None]))
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: int(_NAME.fullmatch(p.name).group(1)))
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore trainable weights, optimizer, scheduler and RNG; returns the saved state."""
+    weights = load_file(path / "trainable.safetensors")
+    missing = model.load_state_dict(weights, strict=False)
+    if missing.unexpected_keys:
+        raise ValueError(f"{path}: unexpected weights {missing.unexpected_keys[:5]}")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

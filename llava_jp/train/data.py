@@ -1,0 +1,198 @@
+"""Training data: LLaVA-format records -> tokenized samples -> grouped batches.
+
+Tokenization runs once through `datasets.map` (cached on disk for file-backed data), token
+lengths come from it, and images are opened lazily in the collator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+
+from ..modeling import IGNORE_INDEX
+from ..processing import LlavaJpProcessor, load_image
+from ..templates import IMAGE_MARKER, get_template, normalize_conversation, plain_caption_messages
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A sample that cannot be trained on; the message names the sample."""
+
+
+def load_records(data_path: str) -> tuple[datasets.Dataset, str]:
+    """A LLaVA-format JSON list / JSONL file, a saved `datasets` directory, or a hub dataset id.
+
+    Returns the records and a fingerprint of the source (file identity, or the dataset's own).
+    """
+    path = Path(data_path)
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(rows, list):
+            raise DataError(f"{data_path}: expected a JSON list of samples")
+        # conversations are kept as JSON text: Arrow needs one schema, LLaVA rows vary
+        return datasets.Dataset.from_dict({
+            "id": [str(r.get("id", i)) if isinstance(r, dict) else str(i) for i, r in enumerate(rows)],
+            "image": [r.get("image") if isinstance(r, dict) else None for r in rows],
+            "conversations": [json.dumps(r.get("conversations") if isinstance(r, dict) else None, ensure_ascii=False) for r in rows],
+        }), _file_fingerprint(path)
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+    else:
+        ds = datasets.load_dataset(data_path, split="train")
+    fingerprint = ds._fingerprint
+    return ds.map(lambda r: {"conversations": json.dumps(r["conversations"], ensure_ascii=False)}), fingerprint
+
+
+def _file_fingerprint(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+@dataclass
+class DataReport:
+    """What happened to every sample: kept, truncated, or dropped by reason."""
+
+    total: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {"total": self.total, "kept": self.kept, "truncated": self.truncated, "dropped": dict(self.dropped)}
+
+
+def encode_record(record: dict, processor: LlavaJpProcessor, max_length: int, plain: bool) -> dict:
+    """One record -> input_ids, labels, length, image, status ("ok", "truncated" or a drop reason)."""
+    out = {"input_ids": [], "labels": [], "length": 0, "status": "ok", "error": ""}
+    try:
+        raw = json.loads(record["conversations"])
+        messages = normalize_conversation(raw, sample_id=record["id"])
+        if plain:
+            messages = plain_caption_messages(messages)
+        markers = sum(m["content"].count(IMAGE_MARKER) for m in messages if m["role"] == "user")
+        has_image = bool(record.get("image"))
+        if markers != int(has_image):
+            raise DataError(f"sample {record['id']!r}: {markers} <image> markers but "
+                            f"{'an image' if has_image else 'no image'}")
+        if messages[-1]["role"] != "assistant":
+            messages = messages[:-1]
+        encoded = processor.encode_conversation(messages)
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
+        out.update(status="bad_conversation", error=str(err))
+        return out
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    if len(ids) > max_length:
+        ids, labels, status = _truncate(ids, labels, max_length, processor.image_token_id)
+        if status != "truncated":
+            out.update(status=status, error=f"sample {record['id']!r}: {len(encoded['input_ids'])} tokens > max_length {max_length}")
+            return out
+        out["status"] = "truncated"
+    out.update(input_ids=ids, labels=labels, length=len(ids))
+    return out
+
+
+def _truncate(ids: list[int], labels: list[int], max_length: int, image_token_id: int):
+    """Cut to the end of the last answer that fits whole; never inside the image tokens."""
+    if image_token_id in ids[max_length:] and image_token_id in ids[:max_length]:
+        return ids, labels, "image_cut_by_max_length"
+    end = max_length
+    # step back to the end of a complete answer: a supervised token followed by an unsupervised one
+    while end > 0 and not (labels[end - 1] != IGNORE_INDEX and (end == len(labels) or labels[end] == IGNORE_INDEX)):
+        end -= 1
+    if end == 0:
+        return ids, labels, "no_complete_answer_within_max_length"
+    return ids[:end], labels[:end], "truncated"
+
+
+def encode_dataset(records: datasets.Dataset, source_fingerprint: str, processor: LlavaJpProcessor,
+                   max_length: int, strict: bool = False) -> tuple[datasets.Dataset, DataReport]:
+    """Tokenize every record once and drop the ones that cannot train, counting each reason;
+    with `strict`, the first bad sample raises.
+
+    The result is cached by `datasets` under a key made of the source, the template, the image
+    token count, the tokenizer and max_length: re-runs with the same setting skip tokenization.
+    """
+    plain = processor.template == "plain"
+    get_template(processor.template)
+    vocab = processor.tokenizer.get_vocab()
+    key = hashlib.sha256(json.dumps([
+        source_fingerprint, processor.template, processor.num_image_tokens, processor.image_token_id,
+        max_length, sorted(vocab.items()), processor.tokenizer.eos_token_id, processor._special_prefix(),
+    ]).encode()).hexdigest()[:16]
+    cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "llava_jp_tokenized"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    encoded = records.map(
+        encode_record, fn_kwargs={"processor": processor, "max_length": max_length, "plain": plain},
+        cache_file_name=str(cache_dir / f"{key}.arrow"), new_fingerprint=key, desc="tokenizing",
+    )
+    report = DataReport(total=len(encoded))
+    statuses = encoded["status"]
+    for status, error in zip(statuses, encoded["error"]):
+        if status == "truncated":
+            report.truncated += 1
+        elif status != "ok":
+            if strict:
+                raise DataError(error)
+            report.dropped[status] += 1
+    keep = [i for i, s in enumerate(statuses) if s in ("ok", "truncated")]
+    report.kept = len(keep)
+    if report.dropped or report.truncated:
+        logger.warning("data: %s", report.as_dict())
+    return encoded.select(keep), report
+
+
+def grouped_batches(lengths: list[int], has_image: list[bool], batch_size: int, seed: int,
+                    group: bool = True, megabatch_factor: int = 50) -> list[list[int]]:
+    """One epoch of batches of indices, reproducible from `seed`.
+
+    With `group`, every batch holds one modality (image or text-only) and samples of similar
+    **token** length: indices are shuffled, cut into mega-batches, sorted by length inside each
+    one, and the resulting batches are shuffled again.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if not group:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for modality in (True, False):
+        pool = [i for i in order if has_image[i] == modality]
+        mega = batch_size * megabatch_factor
+        for start in range(0, len(pool), mega):
+            chunk = sorted(pool[start:start + mega], key=lambda i: -lengths[i])
+            batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+class Collator:
+    """Indices -> a padded training batch with pixel values for the samples that have images."""
+
+    def __init__(self, dataset: datasets.Dataset, processor: LlavaJpProcessor, image_folder: str):
+        self.dataset = dataset
+        self.processor = processor
+        self.image_folder = Path(image_folder) if image_folder else None
+
+    def image_path(self, relative: str) -> Path:
+        return self.image_folder / relative if self.image_folder else Path(relative)
+
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        rows = self.dataset.select(indices)
+        features = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+        batch = self.processor.pad(features, padding_side="right")
+        images = [load_image(self.image_path(r["image"])) for r in rows if r["image"]]
+        if images:
+            batch["pixel_values"] = self.processor.preprocess_images(images)
+        return batch

@@ -1,0 +1,271 @@
+"""The training loop on `accelerate` (DDP / FSDP / DeepSpeed come from `accelerate launch`).
+
+One optimizer step = `gradient_accumulation_steps` micro-batches on every process. The loss is
+normalised by the number of supervised tokens in the whole global batch, so one process and N
+processes compute the same loss and gradients for the same global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .. import LlavaJpForConditionalGeneration, LlavaJpProcessor
+from ..builder import build
+from ..modeling import IGNORE_INDEX
+from . import checkpoint as ckpt
+from .config import TrainConfig, load_config
+from .data import Collator, encode_dataset, grouped_batches, load_records
+
+logger = logging.getLogger(__name__)
+PROJECTOR_FILE = "projector.safetensors"
+MODEL_SUBDIR = "model"
+
+
+# -- model ---------------------------------------------------------------------------------
+def setup_model(cfg: TrainConfig) -> tuple[LlavaJpForConditionalGeneration, LlavaJpProcessor]:
+    """Load or build the model, load a stage-1 projector, and set what trains."""
+    if cfg.model:
+        model = LlavaJpForConditionalGeneration.from_pretrained(cfg.model)
+        processor = LlavaJpProcessor.from_pretrained(cfg.model)
+    else:
+        model, processor = build(cfg.preset, pretrained=True)
+    if cfg.template:
+        processor.template = cfg.template
+    if cfg.pretrained_projector:
+        weights = load_file(cfg.pretrained_projector)
+        model.multi_modal_projector.load_state_dict(weights, strict=True)
+    model.requires_grad_(False)
+    model.multi_modal_projector.requires_grad_(True)
+    if cfg.stage == 2:
+        model.language_model.requires_grad_(True)
+    if cfg.train_vision_tower:
+        model.vision_tower.requires_grad_(True)
+        model.freeze_unused_vision_parameters()
+    elif cfg.mixed_precision == "bf16":
+        model.vision_tower.to(torch.bfloat16)  # frozen: no master copy needed
+    if cfg.gradient_checkpointing:
+        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.language_model.config.use_cache = False
+    return model, processor
+
+
+def build_optimizer(model: LlavaJpForConditionalGeneration, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or 8-bit AdamW; the projector may have its own learning rate; no weight decay on
+    biases and norms. With 8-bit AdamW, embedding tables keep 32-bit optimizer state."""
+    projector_ids = {id(p) for p in model.multi_modal_projector.parameters()}
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr = cfg.projector_lr if (id(p) in projector_ids and cfg.projector_lr) else cfg.learning_rate
+        decay = 0.0 if (p.ndim < 2 or "norm" in name or "ln_" in name) else cfg.weight_decay
+        groups.setdefault((lr, decay), []).append(p)
+    param_groups = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=cfg.learning_rate)
+    import bitsandbytes as bnb
+    from bitsandbytes.optim import GlobalOptimManager
+
+    manager = GlobalOptimManager.get_instance()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and module.weight.requires_grad:
+            manager.register_module_override(module, "weight", {"optim_bits": 32})
+    return bnb.optim.AdamW8bit(param_groups, lr=cfg.learning_rate)
+
+
+# -- saving --------------------------------------------------------------------------------
+def _atomic_dir(final: Path, write) -> None:
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def save_result(model, processor, cfg: TrainConfig) -> Path:
+    """Stage 1: only the projector (safetensors). Stage 2: a full `from_pretrained` directory."""
+    out = Path(cfg.output_dir)
+    if cfg.stage == 1:
+        tmp = out / (PROJECTOR_FILE + ".tmp")
+        save_file({k: v.contiguous() for k, v in model.multi_modal_projector.state_dict().items()}, tmp)
+        os.replace(tmp, out / PROJECTOR_FILE)
+        return out / PROJECTOR_FILE
+
+    def write(path: Path) -> None:
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+
+    _atomic_dir(out / MODEL_SUBDIR, write)
+    return out / MODEL_SUBDIR
+
+
+# -- loop ----------------------------------------------------------------------------------
+def _schedule(lengths, has_image, cfg: TrainConfig, global_batch: int, world: int) -> tuple[list[list[int]], int]:
+    """Global batches for the whole run, and the number of optimizer steps."""
+    per_epoch = len(grouped_batches(lengths, has_image, global_batch, cfg.seed, cfg.group_by_modality_length))
+    if per_epoch == 0:
+        raise ValueError("no trainable samples left (see the data report)")
+    wanted = cfg.max_steps * cfg.gradient_accumulation_steps if cfg.max_steps else math.ceil(cfg.num_epochs * per_epoch)
+    batches: list[list[int]] = []
+    epoch = 0
+    while len(batches) < wanted:
+        epoch_batches = grouped_batches(lengths, has_image, global_batch, cfg.seed + epoch, cfg.group_by_modality_length)
+        batches += [b for b in epoch_batches if len(b) >= world]
+        epoch += 1
+    batches = batches[:wanted]
+    return batches, len(batches) // cfg.gradient_accumulation_steps
+
+
+def _supervised_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Run one training stage; returns a summary (also written to output_dir/summary.json)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, processor = setup_model(cfg)
+    with_text_only = True  # a text-only batch leaves the projector without gradient
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        log_with=cfg.report_to or None,
+        project_dir=str(out),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=with_text_only)],
+    )
+    set_seed(cfg.seed)
+    with accelerator.main_process_first():
+        dataset, report = encode_dataset(*load_records(cfg.data_path), processor, cfg.max_length, cfg.strict_data)
+    lengths = dataset["length"]
+    has_image = [bool(x) for x in dataset["image"]]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    batches, total_steps = _schedule(lengths, has_image, cfg, cfg.per_device_batch_size * world, world)
+
+    optimizer = build_optimizer(model, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
+                              num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    unwrapped = accelerator.unwrap_model(model)
+
+    start_step = 0
+    if resume:
+        found = ckpt.complete_checkpoints(out)
+        if found:
+            state = ckpt.load_checkpoint(found[-1], unwrapped, optimizer, scheduler)
+            start_step = state["step"]
+            accelerator.print(f"resumed from {found[-1]} at step {start_step}")
+        else:
+            accelerator.print(f"--resume: no complete checkpoint in {out}, starting fresh")
+    if cfg.report_to:
+        accelerator.init_trackers("llava-jp", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))})
+
+    accum = cfg.gradient_accumulation_steps
+    my_batches = [b[rank::world] for b in batches[start_step * accum: total_steps * accum]]
+    loader = DataLoader(my_batches, batch_size=None, shuffle=False, collate_fn=Collator(dataset, processor, cfg.image_folder),
+                        num_workers=cfg.dataloader_num_workers,
+                        # its own generator: creating the iterator must not draw from the global
+                        # RNG, or a resumed run's dropout masks would differ from the original's
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    batch_iter = iter(loader)
+    log_path = out / "log.jsonl"
+    progress = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_main_process,
+                    desc=f"stage {cfg.stage}", dynamic_ncols=True)
+    model.train()
+    started = time.perf_counter()
+    window = {"samples": 0, "tokens": 0, "data_s": 0.0, "compute_s": 0.0, "t0": time.perf_counter()}
+    step = start_step
+    stopped_early = False
+    last_loss = float("nan")
+    while step < total_steps:
+        t_data = time.perf_counter()
+        micro = [next(batch_iter) for _ in range(accum)]
+        t_compute = time.perf_counter()
+        n_global = accelerator.reduce(torch.tensor(sum(_supervised_tokens(b) for b in micro), device=accelerator.device), "sum")
+        n_global = max(int(n_global), 1)
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            sync = accelerator.no_sync(model) if i < accum - 1 else nullcontext()
+            with sync, accelerator.autocast():
+                summed = model(**batch, loss_reduction="sum").loss
+            accelerator.backward(summed * world / n_global)
+            loss_sum += summed.detach().float()
+            window["samples"] += batch["input_ids"].shape[0] * world
+            window["tokens"] += int(batch["attention_mask"].sum()) * world
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        last_loss = float(accelerator.reduce(loss_sum, "sum")) / n_global
+        window["data_s"] += t_compute - t_data
+        window["compute_s"] += time.perf_counter() - t_compute
+        progress.update(1)
+        over_budget = cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s
+        if step % cfg.logging_steps == 0 or step == total_steps or over_budget:
+            elapsed = time.perf_counter() - window["t0"]
+            record = {
+                "step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                "samples_per_s": window["samples"] / elapsed, "tokens_per_s": window["tokens"] / elapsed,
+                "data_s": window["data_s"], "compute_s": window["compute_s"],
+                "elapsed_s": time.perf_counter() - started,
+            }
+            progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}",
+                                 samples_s=f"{record['samples_per_s']:.1f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if accelerator.is_main_process:
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            window = {"samples": 0, "tokens": 0, "data_s": 0.0, "compute_s": 0.0, "t0": time.perf_counter()}
+        if (step % cfg.save_steps == 0 and step < total_steps) or over_budget:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                ckpt.save_checkpoint(out, step, unwrapped, optimizer, scheduler,
+                                     {"total_steps": total_steps}, cfg.save_total_limit)
+        if over_budget and step < total_steps:
+            accelerator.print(f"time budget of {cfg.time_budget_s:.0f} s reached at step {step}/{total_steps}")
+            stopped_early = True
+            break
+    progress.close()
+    accelerator.wait_for_everyone()
+    summary = {
+        "stage": cfg.stage, "steps": step, "total_steps": total_steps, "stopped_early": stopped_early,
+        "final_loss": last_loss, "train_seconds": time.perf_counter() - started, "data": report.as_dict(),
+    }
+    if accelerator.is_main_process:
+        summary["output"] = str(save_result(unwrapped, processor, cfg))
+        (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+    accelerator.end_training()
+    return summary
+
+
+# -- CLI -----------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file or bundled config name (stage1, stage2)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.epilog = "Any config key can be overridden: --learning_rate 1e-4 --output_dir runs/x"
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, resume=args.resume)
+    print(json.dumps(summary, ensure_ascii=False))
+    return 0
