@@ -1,6 +1,7 @@
 """Import of predecessor (LLaVA-JP v1.1) checkpoints, and the compat vision/prompt layouts."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -21,7 +22,10 @@ from llava_jp.cli import main as cli_main
 from llava_jp.configuration import VISION_LAYOUTS
 from llava_jp.import_llava_jp import convert
 from llava_jp.release import release
+from llava_jp.synthetic import write_dataset
 from llava_jp.tokenizer import build_char_tokenizer
+from llava_jp.train.config import load_config
+from llava_jp.train.loop import train
 
 RED = Image.new("RGB", (80, 50), (255, 0, 0))
 SYSTEM_TURN = "これは好奇心旺盛なユーザーと人工知能システムのチャットです。システムはユーザーの質問に親切、詳細、丁寧に答える。"
@@ -261,3 +265,19 @@ def test_imported_model_releases_and_loads_without_llava_jp(imported, tmp_path, 
     assert config["vision_layout"] == "llava-jp-v1.1-compat"
     card = (tmp_path / "release" / "README.md").read_text(encoding="utf-8")
     assert "llava-jp-v1.1-compat (imported checkpoint)" in card and "| image tokens / 画像トークン数 | 15 x 64 |" in card
+
+
+def test_imported_model_fine_tunes_with_the_stage2_pipeline(imported, tmp_path):
+    out, ref = imported
+    paths = write_dataset(tmp_path / "data", n_train=8, n_test=0, seed=0)
+    cfg = load_config(None, model=str(out), stage=2, data_path=str(paths["stage2"]), image_folder=str(paths["images"]),
+                      output_dir=str(tmp_path / "run"), max_steps=2, per_device_batch_size=4, learning_rate=1e-3,
+                      warmup_ratio=0.0, max_length=256, logging_steps=1)
+    summary = train(cfg)
+    assert summary["steps"] == 2 and summary["data"]["kept"] == 8 and math.isfinite(summary["final_loss"])
+    tuned = LlavaJpForConditionalGeneration.from_pretrained(summary["output"])
+    assert tuned.config.vision_layout == "llava-jp-v1.1-compat" and tuned.num_image_tokens == 15
+    assert LlavaJpProcessor.from_pretrained(summary["output"]).prompt_layout == "llava-jp-v1.1-compat"
+    assert not torch.equal(tuned.language_model.lm_head.weight, ref["state"]["lm_head.weight"])
+    for key, tensor in ref["tower"].state_dict().items():
+        assert torch.equal(tuned.vision_tower.state_dict()[key], tensor), key
