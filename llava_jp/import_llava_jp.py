@@ -65,8 +65,12 @@ def resolve_source(src: str) -> Path:
         return path
     from huggingface_hub import snapshot_download
 
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", STAGE1_PROJECTOR_FILE]
     try:
-        return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]))
+        path = Path(snapshot_download(src, allow_patterns=patterns))
+        if not any((path / name).exists() for name in (*WEIGHT_FILES, STAGE1_PROJECTOR_FILE)):
+            path = Path(snapshot_download(src, allow_patterns=[*patterns, "*.bin"]))  # pickles only if needed
+        return path
     except Exception as error:
         raise ValueError(f"--src {src!r} is neither a local directory nor a downloadable hub repository: {error}") from error
 

@@ -145,7 +145,7 @@ def render_model_card(info: CardInfo) -> str:
         + f"{_architecture_table(info.model)}\n"
         + "## 日本語\n\n"
         + "LLaVA 形式の日本語画像言語モデルです。画像と日本語の質問から日本語で回答します。"
-        + "llava-jp ツールキットで学習・公開しました。\n\n"
+        + "llava-jp ツールキットで公開しました。\n\n"
         + f"- ベースモデル: {base}\n- 学習データ: {data}\n- プロンプト形式 {template} (processor が組み立てます)\n\n"
         + "### 使い方\n\n"
         + f"llava-jp のインストールは不要です。必要なパッケージ:\n\n```bash\n{requirements}\n```\n\n"
@@ -153,7 +153,7 @@ def render_model_card(info: CardInfo) -> str:
         + _usage(info) + "\n" + verified_ja + scores_ja
         + "\n## English\n\n"
         + "A LLaVA-style Japanese vision-language model: it answers Japanese questions about an image in "
-        + "Japanese. Trained and released with the llava-jp toolkit.\n\n"
+        + "Japanese. Released with the llava-jp toolkit.\n\n"
         + f"- Base models: {base}\n- Training data: {data}\n- Prompt format {template} (the processor builds it)\n\n"
         + "### Usage\n\n"
         + "No llava-jp install needed; the model code ships with this repository (`trust_remote_code=True`). "
