@@ -16,6 +16,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("llava_jp.eval.runner", "score a model on JA-VG-VQA-500, JA-VLM-Bench-In-the-Wild and Heron-Bench"),
     "chat": ("llava_jp.chat_cli", "chat about an image in the terminal (Japanese, streamed, multi-turn)"),
     "demo": ("llava_jp.demo", "Japanese web chat demo (Gradio; needs the [demo] extra)"),
+    "release": ("llava_jp.release", "write a hub release folder (remote code, card), verify it loads without llava-jp, push"),
+    "import-llava-jp": ("llava_jp.import_llava_jp", "convert a predecessor (LLaVA-JP v1.x) checkpoint into this format"),
 }
 ACCEPTS_OVERRIDES = {"train"}
 

@@ -48,8 +48,8 @@ class LlavaJpForConditionalGeneration(PreTrainedModel, GenerationMixin):
     # -- sizes -----------------------------------------------------------------------------
     @property
     def num_image_tokens(self) -> int:
-        """Tokens one image becomes (729 for SigLIP-384, S2 or not)."""
-        return vision.patch_grid(self.vision_tower) ** 2
+        """Tokens one image becomes (729 for SigLIP-384, S2 or not; 728 in the v1.1 compat layout)."""
+        return vision.tokens_per_image(self.vision_tower, self.config.vision_layout)
 
     @property
     def projector_input_width(self) -> int:
@@ -78,7 +78,7 @@ class LlavaJpForConditionalGeneration(PreTrainedModel, GenerationMixin):
         tower_dtype = next(self.vision_tower.parameters()).dtype
         pixel_values = pixel_values.to(tower_dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_tower_trainable()):
-            features = vision.image_features(
+            features = vision.IMAGE_FEATURES[self.config.vision_layout](
                 self.vision_tower, pixel_values, self.config.vision_feature_layer,
                 self.config.s2_scales, self.config.s2_split_size,
             )

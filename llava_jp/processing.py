@@ -11,8 +11,10 @@ from transformers import ProcessorMixin
 
 from .modeling import IGNORE_INDEX
 from .templates import IMAGE_MARKER, Segment, get_template
+from .vision import DEFAULT_LAYOUT, LLAVA_JP_V1_1_LAYOUT
 
 ImageLike = Image.Image | str | os.PathLike
+PROMPT_LAYOUTS = (DEFAULT_LAYOUT, LLAVA_JP_V1_1_LAYOUT)
 
 
 def load_image(image: ImageLike) -> Image.Image:
@@ -56,6 +58,11 @@ class LlavaJpProcessor(ProcessorMixin):
     tokens of every answer are exactly `tokenizer(answer) + [eos]`: a label/answer mismatch
     cannot happen, whatever the tokenizer does at segment boundaries. Inference prompts are
     built by the same function, so training and generation see identical token sequences.
+
+    prompt_layout "llava-jp-v1.1-compat" (set by `llava-jp import-llava-jp` only) reproduces the
+    predecessor's prompts: it tokenized the text before each `<image>` as its own chunk with
+    the tokenizer's default special tokens, so whatever the tokenizer appends (llm-jp v1's end
+    token) comes right before the image features.
     """
 
     def __init__(
@@ -67,8 +74,12 @@ class LlavaJpProcessor(ProcessorMixin):
         num_image_tokens: int = 729,
         image_token_id: int = -200,
         pad_to_square: bool = True,
+        prompt_layout: str = DEFAULT_LAYOUT,
         **kwargs,
     ):
+        if prompt_layout not in PROMPT_LAYOUTS:
+            raise ValueError(f"prompt_layout: expected one of {PROMPT_LAYOUTS}, got {prompt_layout!r}")
+        self.prompt_layout = prompt_layout
         self.template = template
         self.num_image_tokens = num_image_tokens
         self.image_token_id = image_token_id
@@ -101,6 +112,15 @@ class LlavaJpProcessor(ProcessorMixin):
             self._prefix_cache = with_special[:cut] if has_prefix else []
         return self._prefix_cache
 
+    def _special_suffix(self) -> list[int]:
+        """Ids the tokenizer puts after a text of its own accord (e.g. llm-jp v1's end token)."""
+        with_special = self.tokenizer("あ", add_special_tokens=True)["input_ids"]
+        without = self.tokenizer("あ", add_special_tokens=False)["input_ids"]
+        for start in range(len(with_special) - len(without) + 1):
+            if with_special[start:start + len(without)] == without:
+                return with_special[start + len(without):]
+        return []
+
     def encode_conversation(
         self, messages: list[dict], add_generation_prompt: bool = False
     ) -> dict[str, list[int]]:
@@ -117,8 +137,11 @@ class LlavaJpProcessor(ProcessorMixin):
             raise ValueError(f"template {template.name!r} needs an end token but the tokenizer has no eos_token")
         input_ids = list(self._special_prefix())
         labels = [IGNORE_INDEX] * len(input_ids)
+        before_image = self._special_suffix() if self.prompt_layout == LLAVA_JP_V1_1_LAYOUT else []
         for seg in segments:
             if seg.kind == "image":
+                input_ids += before_image
+                labels += [IGNORE_INDEX] * len(before_image)
                 input_ids += [self.image_token_id] * self.num_image_tokens
                 labels += [IGNORE_INDEX] * self.num_image_tokens
                 continue

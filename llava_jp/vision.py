@@ -4,14 +4,27 @@ The tower is a transformers `SiglipVisionModel` or a `TimmWrapperModel` (any tim
 run only the layers up to `vision_feature_layer` (no later layers, no post-layernorm, no
 pooling head) and keep every patch token: SigLIP has no CLS token, so 384 px / patch 14 gives
 all 729 = 27x27 tokens, on the true square grid that S2 stitching relies on.
+
+`image_features_llava_jp_v1_1` reproduces the predecessor's layout (728 tokens on a 26x28 grid)
+for checkpoints imported from llava-jp v1.1 only; `IMAGE_FEATURES` maps a config's
+`vision_layout` to its function.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-import s2wrapper
+try:
+    import s2wrapper
+except ImportError as error:  # the PyPI name differs from the module name
+    raise ImportError("llava-jp needs the `s2wrapper` module: pip install scaling-on-scales") from error
+
+DEFAULT_LAYOUT = "default"
+LLAVA_JP_V1_1_LAYOUT = "llava-jp-v1.1-compat"
 
 
 def _is_timm(tower: nn.Module) -> bool:
@@ -109,3 +122,45 @@ def image_features(
     if not s2_scales:
         return run(pixel_values)
     return s2wrapper.forward(run, pixel_values, img_sizes=list(s2_scales), max_split_size=s2_split_size or min(s2_scales))
+
+
+def image_features_llava_jp_v1_1(
+    tower: nn.Module,
+    pixel_values: torch.Tensor,
+    feature_layer: int,
+    s2_scales: list[int] | None = None,
+    s2_split_size: int | None = None,
+) -> torch.Tensor:
+    """The llava-jp v1.1 layout, for imported checkpoints: (B, 3, H, W) -> (B, grid*grid - 1, C * scales).
+
+    Token 0 of every crop is dropped (the predecessor treated it as a CLS token; SigLIP has
+    none), each crop's remaining tokens are laid out row-major on an h x w grid with
+    h = floor(sqrt(n)) (26x28 for 728 tokens), crops are stitched, every scale is area-pooled
+    to h x w, and the scales are concatenated on channels larger scale first.
+    """
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return crop_features(tower, x, feature_layer)[:, 1:]
+
+    if not s2_scales:
+        return run(pixel_values)
+    split = s2_split_size or min(s2_scales)
+    tokens = patch_grid(tower) ** 2 - 1
+    height = math.isqrt(tokens)
+    width = tokens // height
+    per_scale = []
+    for size in sorted(s2_scales, reverse=True):
+        image = F.interpolate(pixel_values.float(), size=size, mode="bicubic").to(pixel_values.dtype)
+        crops = run(s2wrapper.split_chessboard(image, num_split=size // split))
+        grid = crops.transpose(1, 2).reshape(crops.shape[0], crops.shape[2], height, width)
+        grid = s2wrapper.merge_chessboard(grid, num_split=size // split)
+        per_scale.append(F.interpolate(grid.float(), size=(height, width), mode="area").to(grid.dtype))
+    return torch.cat(per_scale, dim=1).flatten(2).transpose(1, 2)
+
+
+IMAGE_FEATURES = {DEFAULT_LAYOUT: image_features, LLAVA_JP_V1_1_LAYOUT: image_features_llava_jp_v1_1}
+
+
+def tokens_per_image(tower: nn.Module, layout: str = DEFAULT_LAYOUT) -> int:
+    """Image tokens per image: grid*grid (729 for SigLIP-384), one fewer in the v1.1 layout (728)."""
+    return patch_grid(tower) ** 2 - (1 if layout == LLAVA_JP_V1_1_LAYOUT else 0)

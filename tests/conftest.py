@@ -21,3 +21,11 @@ def tiny_dir(tmp_path_factory):
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def hf_modules_cache(tmp_path_factory):
+    """Remote code that child processes load goes to a temporary cache, not the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf_modules")))
+        yield
