@@ -25,7 +25,12 @@ QUESTIONS = {
 }
 
 
-def draw_sample(rng: random.Random) -> tuple[Image.Image, dict[str, str]]:
+DIGIT_FONT_SIZE = 12
+DIGIT_ORIGIN = (4, 1)
+
+
+def draw_sample(rng: random.Random, digit_size: int = DIGIT_FONT_SIZE,
+                digit_origin: tuple[int, int] = DIGIT_ORIGIN) -> tuple[Image.Image, dict[str, str]]:
     """One image and its answers per question type."""
     colour = rng.choice(list(COLOURS))
     shape = rng.choice(SHAPES)
@@ -43,11 +48,11 @@ def draw_sample(rng: random.Random) -> tuple[Image.Image, dict[str, str]]:
         draw.rectangle(box, fill=fill)
     else:
         draw.polygon([(x0 + size / 2, y0), (x0, y0 + size), (x0 + size, y0 + size)], fill=fill)
-    draw.text((4, 1), digit, fill=(0, 0, 0), font=ImageFont.load_default(size=12))
+    draw.text(digit_origin, digit, fill=(0, 0, 0), font=ImageFont.load_default(size=digit_size))
     return image, {"color": colour, "shape": shape, "digit": digit}
 
 
-def write_dataset(out_dir: Path, n_train: int, n_test: int, seed: int = 0) -> dict[str, Path]:
+def write_dataset(out_dir: Path, n_train: int, n_test: int, seed: int = 0, **draw_kwargs) -> dict[str, Path]:
     """Images + stage-1 captions + stage-2 conversations + a held-out QA list.
 
     Returns the paths of `images/`, `stage1.json`, `stage2.json` and `test.json`.
@@ -57,7 +62,7 @@ def write_dataset(out_dir: Path, n_train: int, n_test: int, seed: int = 0) -> di
     image_dir.mkdir(parents=True, exist_ok=True)
     stage1, stage2, test = [], [], []
     for i in range(n_train + n_test):
-        image, answers = draw_sample(rng)
+        image, answers = draw_sample(rng, **draw_kwargs)
         name = f"{i:06d}.png"
         image.save(image_dir / name)
         if i >= n_train:
