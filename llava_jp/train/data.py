@@ -17,6 +17,7 @@ from pathlib import Path
 import datasets
 import torch
 
+from ..feature_cache import FeatureCache
 from ..modeling import IGNORE_INDEX
 from ..processing import LlavaJpProcessor, load_image
 from ..templates import IMAGE_MARKER, get_template, normalize_conversation, plain_caption_messages
@@ -178,12 +179,15 @@ def grouped_batches(lengths: list[int], has_image: list[bool], batch_size: int, 
 
 
 class Collator:
-    """Indices -> a padded training batch with pixel values for the samples that have images."""
+    """Indices -> a padded training batch with pixel values for the samples that have images
+    (or, with a `feature_cache`, their cached vision features as `image_features`)."""
 
-    def __init__(self, dataset: datasets.Dataset, processor: LlavaJpProcessor, image_folder: str):
+    def __init__(self, dataset: datasets.Dataset, processor: LlavaJpProcessor, image_folder: str,
+                 feature_cache: FeatureCache | None = None):
         self.dataset = dataset
         self.processor = processor
         self.image_folder = Path(image_folder) if image_folder else None
+        self.feature_cache = feature_cache
 
     def image_path(self, relative: str) -> Path:
         return self.image_folder / relative if self.image_folder else Path(relative)
@@ -192,6 +196,11 @@ class Collator:
         rows = self.dataset.select(indices)
         features = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
         batch = self.processor.pad(features, padding_side="right")
+        if self.feature_cache is not None:
+            names = [r["image"] for r in rows if r["image"]]
+            if names:
+                batch["image_features"] = self.feature_cache.load(names)
+            return batch
         images = [load_image(self.image_path(r["image"])) for r in rows if r["image"]]
         if images:
             batch["pixel_values"] = self.processor.preprocess_images(images)
