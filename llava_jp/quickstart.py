@@ -53,10 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-images", type=int, default=6000)
     parser.add_argument("--test-images", type=int, default=200)
-    parser.add_argument("--stage1-steps", type=int, default=60)
-    parser.add_argument("--stage2-steps", type=int, default=1800)
+    parser.add_argument("--stage1-steps", type=int, default=30)
+    parser.add_argument("--stage2-steps", type=int, default=1200)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--time-budget", type=float, default=420.0,
+    parser.add_argument("--time-budget", type=float, default=450.0,
                         help="stage-2 wall-time cap in seconds (keeps the whole run under 10 minutes)")
 
 
