@@ -25,7 +25,6 @@ import copy
 import json
 import math
 import random
-import resource
 import statistics
 import sys
 import tempfile
@@ -140,14 +139,23 @@ def build_peer(ours: LlavaJpForConditionalGeneration) -> LlavaForConditionalGene
     lm, ours_lm = peer.model.language_model, ours.language_model.base_model
     for name in ("wpe", "drop", "h", "ln_f"):  # GPT-2 (llm-jp-1.3b's architecture)
         setattr(lm, name, getattr(ours_lm, name))
-    width = ours_lm.wte.weight.shape[1]
     lm.wte = _grown(ours_lm.wte, ours_lm.wte.weight.detach().mean(0))
-    peer.lm_head = _grown(ours.language_model.lm_head, torch.zeros(width))
+    peer.lm_head = _grown(ours.language_model.lm_head, torch.zeros(ours_lm.wte.weight.shape[1]))
+    sync_peer(peer, ours)
     left = [n for n, t in [*peer.named_parameters(), *peer.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"peer tensors left unset: {left}")
     peer.generation_config = GenerationConfig()
     return peer
+
+
+def sync_peer(peer: LlavaForConditionalGeneration, ours: LlavaJpForConditionalGeneration) -> None:
+    """Copy our token embedding and head into the peer's grown copies (training steps make them drift)."""
+    vocab = ours.config.text_config.vocab_size
+    with torch.no_grad():
+        peer.model.language_model.wte.weight[:vocab] = ours.language_model.base_model.wte.weight
+        peer.lm_head.weight[:vocab] = ours.language_model.lm_head.weight
+        peer.lm_head.weight[vocab:] = 0
 
 
 # -- batches -------------------------------------------------------------------------------
@@ -311,6 +319,7 @@ def measure_training(runner: Runner, size: BenchSize, stage: int, ours, ours_s2,
     batch = make_batch(size, stage, ours, seed=stage)
     s2_batch = dict(batch, pixel_values=s2_pixels(batch, ours_s2.config.image_size))
     batch_d, s2_d, peer_d = _to(batch, device), _to(s2_batch, device), _to(for_peer(batch, ours), device)
+    sync_peer(peer, ours)
     check = _loss_check(runner, ours, peer, batch_d, peer_d)
     lr = 1e-4 if stage == 1 else 1e-5
     params = [p for m in (ours, ours_s2, peer) for p in m.parameters() if p.requires_grad]
@@ -395,6 +404,7 @@ def measure_generation(runner: Runner, size: BenchSize, ours, ours_s2, peer) -> 
                     "tokens": new}
         return go
 
+    sync_peer(peer, ours)
     for m in models.values():
         m.eval()
     results = runner.alternate({n: contender(n) for n in models}, size.warmup, size.repeats)
@@ -487,68 +497,6 @@ def _line(title: str, result: dict) -> str:
             f"peer {result['loss_check']['peer']:.5f}")
 
 
-# -- full-size memory ----------------------------------------------------------------------
-def memory_step(device: torch.device, precision: str, seq_len: int = 1532) -> dict:
-    """Peak memory of one stage-2 training step of `llava-jp-1.3b-s2` (random weights, batch 1),
-    set up as `llava-jp train --config stage2` sets it up: fp32 master weights for what trains,
-    frozen tower in bf16, bf16 autocast, 8-bit AdamW, gradient checkpointing.
-
-    CPU: peak resident set size of this process (a proxy; run it in a fresh process). CUDA:
-    `torch.cuda.max_memory_allocated`. `precision="fp32"` keeps the same storage but computes in
-    fp32 (CPUs without bf16 units run bf16 matmuls hundreds of times slower).
-    """
-    import psutil
-
-    from .train.config import load_config
-    from .train.loop import build_optimizer, prepare_for_training
-
-    def rss() -> float:
-        return psutil.Process().memory_info().rss / 2**30
-
-    phases = {"start_rss_gib": rss()}
-    preset = load_preset("llava-jp-1.3b-s2")
-    cfg = load_config("stage2", preset="llava-jp-1.3b-s2", data_path="unused", per_device_batch_size=1,
-                      mixed_precision="bf16", optimizer="adamw_8bit", gradient_checkpointing=True)
-    torch.manual_seed(0)
-    model = LlavaJpForConditionalGeneration(build_config(preset, pretrained=False))
-    prepare_for_training(model, cfg)
-    if precision == "fp32":
-        model.vision_tower.float()
-    model.to(device).train()
-    optimizer = build_optimizer(model, cfg)
-    phases["model_rss_gib"] = rss()
-    size = replace(bench_size("full"), stage2_batch=1)
-    ids, labels = _sample(size, 2, random.Random(0), model.num_image_tokens, model.config.image_token_id,
-                          model.config.text_config.vocab_size, turns=12)  # > seq_len tokens, then cut
-    ids, labels = ids[:seq_len], labels[:seq_len]
-    batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, seq_len, dtype=torch.long),
-             "labels": torch.tensor([labels]),
-             "pixel_values": torch.randn(1, 3, model.config.image_size, model.config.image_size)}
-    batch = _to(batch, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    with autocast:
-        loss = model(**batch, use_cache=False).loss
-    phases["after_forward_rss_gib"] = rss()
-    loss.backward()
-    phases["after_backward_rss_gib"] = rss()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    phases["after_step_rss_gib"] = rss()
-    report = {"preset": "llava-jp-1.3b-s2", "device": str(device), "compute": precision, "seq_len": seq_len,
-              "batch": 1, "loss": float(loss), "step_s": time.perf_counter() - start, **phases,
-              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    if device.type == "cuda":
-        report["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        report["gpu"] = torch.cuda.get_device_name(device)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    report["trainable_parameters"] = trainable
-    return report
-
-
 # -- CLI -----------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=("mid", "full", "tiny"), default="mid",
@@ -578,8 +526,11 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else print
     if args.memory:
+        from .bench_memory import memory_step
+
         report = memory_step(device, precision)
-        log(f"full-size stage-2 step ({precision}, seq {report['seq_len']}): peak RSS {report['peak_rss_gib']:.2f} GiB"
+        log(f"full-size stage-2 step ({precision}, length {report['seq_len']}): peak tensor memory "
+            f"{report['peak_tensor_gib']:.2f} GiB, peak RSS {report['peak_rss_gib']:.2f} GiB"
             + (f", CUDA peak allocated {report['peak_allocated_gib']:.2f} GiB" if "peak_allocated_gib" in report else ""))
     else:
         size = bench_size(args.size)
