@@ -482,6 +482,17 @@ def run_bench(size: BenchSize, device: torch.device, precision: str, ablations: 
             f"peer {g['peer']['decode_tokens_per_s']:.1f} s2 {g['ours_s2']['decode_tokens_per_s']:.1f}")
     report["padding_waste"] = padding_waste(size, ours)
     ratios = {}
+    # Headline ratios are ratios of medians. `paired` divides the two times of each round (run
+    # back to back) first, then takes the median: steadier when the machine's load drifts.
+    paired = {}
+    for stage, key, mine, theirs in (("stage2", "train_step_ratio", "ours", "peer"),
+                                     ("stage1", "stage1_step_ratio", "ours", "peer"),
+                                     ("stage1", "stage1_cache_speedup", "ours_s2", "ours_s2_cached")):
+        if stage in report:
+            times = report[stage]["times_s"]
+            paired[key] = statistics.median(a / b for a, b in zip(times[mine], times[theirs]))
+    if paired:
+        report["paired"] = paired
     if "stage2" in report:
         m = report["stage2"]["median_s"]
         ratios["train_step_ratio"] = m["ours"] / m["peer"]
