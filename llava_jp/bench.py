@@ -30,12 +30,17 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LogitsProcessor
+from transformers import (
+    GenerationConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LogitsProcessor,
+)
 
 from .builder import build_config, load_preset, parse_preset
 from .feature_cache import FeatureCache

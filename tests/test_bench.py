@@ -47,3 +47,16 @@ def test_peer_shares_our_weights_and_sees_image_as_a_vocabulary_token():
         expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), targets.reshape(-1))
     torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-5)
     assert theirs > mine
+
+
+def test_memory_step_counts_weights_gradients_and_optimizer_state():
+    from llava_jp.bench_memory import memory_step
+
+    report = memory_step(torch.device("cpu"), "fp32", seq_len=128, preset_name="tiny")
+    live, gib = report["live_tensor_gib"], 2**30
+    trainable = report["trainable_parameters"]
+    embedding_rows = 50257 * 128 + 512 * 128  # GPT-2 wte + wpe: 32-bit AdamW state (8 B per value)
+    state = (embedding_rows * 8 + (trainable - embedding_rows) * 2) / gib  # others: 8-bit (2 B)
+    assert abs(live["after_optimizer_step"] - live["after_backward"] - state) < 0.05 * state
+    assert live["after_backward"] - live["model_and_batch"] > 0.9 * trainable * 4 / gib  # fp32 gradients
+    assert report["peak_tensor_gib"] >= live["after_optimizer_step"] and report["loss"] == report["loss"]

@@ -25,8 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .. import LlavaJpForConditionalGeneration, LlavaJpProcessor
-from .. import feature_cache
+from .. import LlavaJpForConditionalGeneration, LlavaJpProcessor, feature_cache
 from ..builder import build
 from ..modeling import IGNORE_INDEX
 from . import checkpoint as ckpt
