@@ -53,7 +53,7 @@ def load_chat_image(image: ImageLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Ima
             with Image.open(image) as probe:  # reads the header only
                 width, height = probe.size
         if width * height <= max_pixels:
-            return load_image(image)
+            return load_image(image, max_pixels=max_pixels)
     except Image.DecompressionBombError:
         raise ChatError(f"画像が大きすぎます。{use_smaller}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):

@@ -164,7 +164,7 @@ def test_bad_conversations_are_counted_or_fail_fast(workspace, tmp_path):
     path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     processor = setup_model(_cfg(workspace, "unused", max_steps=1))[1]
     dataset, report = encode_dataset(*load_records(str(path)), processor, 256)
-    assert report.dropped == {"bad_conversation": 2} and report.kept == 4
+    assert report.dropped == {"bad_role": 1, "image_tag_mismatch": 1} and report.kept == 4
     with pytest.raises(ValueError, match="bad-role"):
         encode_dataset(*load_records(str(path)), processor, 256, strict=True)
 
