@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -61,7 +62,10 @@ def load_image(image: ImageLike, max_pixels: int | None = None) -> Image.Image:
 
 def _open(path: str | os.PathLike, name: str, max_pixels: int | None) -> Image.Image:
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    with Image.open(path) as opened:  # reads the header only; PIL refuses 2x its limit here
+    with warnings.catch_warnings():  # PIL warns above its limit; the check below refuses instead
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        opened = Image.open(path)  # reads the header only; PIL refuses 2x its limit here
+    with opened:
         width, height = opened.size
         if limit is not None and width * height > limit:
             raise ImageLoadError("image_too_large", f"{name}: {width}x{height} = {width * height:,} pixels "

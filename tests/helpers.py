@@ -49,3 +49,11 @@ def write_preset(path: Path, **overrides) -> Path:
             data[key] = value
     path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     return path
+
+
+def losses_by_step(out_dir) -> dict[int, float]:
+    """Loss per step from a run's log.jsonl; a resumed run's repeat of a step replaces it."""
+    import json
+
+    records = [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}

@@ -48,11 +48,16 @@ def load_records(data_path: str) -> tuple[datasets.Dataset, str]:
             rows = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(rows, list):
             raise DataError(f"{data_path}: expected a JSON list of samples")
+        rows = [r if isinstance(r, dict) else {} for r in rows]
+        images = [r.get("image") for r in rows]
         # conversations are kept as JSON text: Arrow needs one schema, LLaVA rows vary
         return datasets.Dataset.from_dict({
-            "id": [str(r.get("id", i)) if isinstance(r, dict) else str(i) for i, r in enumerate(rows)],
-            "image": [r.get("image") if isinstance(r, dict) else None for r in rows],
-            "conversations": [json.dumps(r.get("conversations") if isinstance(r, dict) else None, ensure_ascii=False) for r in rows],
+            "id": [_storable(str(r.get("id", i))) for i, r in enumerate(rows)],
+            "image": [_storable(im) if isinstance(im, str) else None for im in images],
+            "image_error": ["" if im is None or isinstance(im, str) else f"'image' must be one path, got {im!r:.80}"
+                            for im in images],
+            "conversations": [_storable(json.dumps(r.get("conversations"), ensure_ascii=False), json.dumps(r.get("conversations")))
+                              for r in rows],
         }), _file_fingerprint(path)
     if path.is_dir():
         ds = datasets.load_from_disk(str(path))
@@ -60,6 +65,16 @@ def load_records(data_path: str) -> tuple[datasets.Dataset, str]:
         ds = datasets.load_dataset(data_path, split="train")
     fingerprint = ds._fingerprint
     return ds.map(lambda r: {"conversations": json.dumps(r["conversations"], ensure_ascii=False)}), fingerprint
+
+
+def _storable(text: str, fallback: str | None = None) -> str:
+    """`text` if Arrow can store it, else `fallback` (or `text` with backslash escapes): JSON
+    escapes such as "\\ud800" decode to lone surrogates, which are not UTF-8."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return fallback if fallback is not None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _file_fingerprint(path: Path) -> str:
@@ -89,6 +104,9 @@ def encode_record(record: dict, processor: LlavaJpProcessor, max_length: int, pl
     """One record -> input_ids, labels, length, image, status ("ok", "truncated" or a drop reason:
     one of `CONVERSATION_FAULTS` or `LENGTH_FAULTS`)."""
     out = {"input_ids": [], "labels": [], "length": 0, "status": "ok", "error": ""}
+    if record.get("image_error"):
+        out.update(status="malformed_sample", error=f"sample {record['id']!r}: malformed_sample: {record['image_error']}")
+        return out
     try:
         raw = json.loads(record["conversations"])
         issues = conversation_issues(raw, 1 if record.get("image") else 0)

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -292,7 +293,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             optimizer.step()
         elif accelerator.is_main_process:  # every sample of the global batch was skipped: no data, no update
             tally.add("updates_skipped")
-        scheduler.step()
+        with warnings.catch_warnings():  # after a skipped update torch warns that the order looks wrong
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         last_loss = float(accelerator.reduce(loss_sum, "sum")) / max(n_global, 1)
@@ -358,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = train(cfg, resume=args.resume)
     except (DataError, ckpt.CheckpointError) as err:  # a bad sample under strict_data, a full disk, ...
-        print(f"error: {err}", file=sys.stderr)
+        tqdm.write(f"error: {err}", file=sys.stderr)  # on its own line, under the progress bar
         return 1
     print(json.dumps(summary, ensure_ascii=False))
     return 0
