@@ -16,6 +16,10 @@ from .templates import IMAGE_MARKER, Segment, get_template
 from .vision import DEFAULT_LAYOUT, LLAVA_JP_V1_1_LAYOUT
 
 ImageLike = Image.Image | str | os.PathLike
+# Longer sides are shrunk to this before padding and resizing: the padded square of a
+# 40000 x 1 image would need 4.8 GB, and the image processor works in float32. Far above any
+# model input (S2: 768 px), so ordinary images are untouched.
+MAX_PREPROCESS_SIDE = 4096
 PROMPT_LAYOUTS = (DEFAULT_LAYOUT, LLAVA_JP_V1_1_LAYOUT)
 
 
@@ -162,6 +166,9 @@ class LlavaJpProcessor(ProcessorMixin):
         fill = tuple(int(round(255 * m)) for m in self.image_processor.image_mean)
         for image in images:
             image = load_image(image)
+            if max(image.size) > MAX_PREPROCESS_SIDE:
+                image = image.copy()
+                image.thumbnail((MAX_PREPROCESS_SIDE, MAX_PREPROCESS_SIDE), Image.Resampling.BICUBIC)
             if self.pad_to_square:
                 image = expand_to_square(image, fill)
             prepared.append(image)

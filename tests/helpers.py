@@ -57,3 +57,38 @@ def losses_by_step(out_dir) -> dict[int, float]:
 
     records = [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records}
+
+
+def save_sensitive_tiny_model(path: Path) -> Path:
+    """Save a tiny model whose answers depend clearly on the image, the question and the history.
+
+    At the default init (std 0.02) a random LM answers almost the same whatever it is asked,
+    which would let a mix-up between chat sessions go unnoticed; std 0.2 weights give every
+    conversation its own answers (the demo tests assert it).
+    """
+    import torch
+
+    from llava_jp.builder import build
+
+    torch.manual_seed(0)
+    model, processor = build("tiny", pretrained=False)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() >= 2:
+                weight.normal_(0, 0.2)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def chat_text(content) -> str:
+    """A chat message's text, whether Gradio sent a string or a list of parts."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content)
+
+
+def chat_pairs(chat) -> list[tuple[str, str]]:
+    """A Gradio chat as (user turn, assistant turn) pairs, each "role:text"."""
+    return [(chat[i]["role"] + ":" + chat_text(chat[i]["content"]),
+             chat[i + 1]["role"] + ":" + chat_text(chat[i + 1]["content"])) for i in range(0, len(chat), 2)]
