@@ -203,8 +203,9 @@ def _resume(out: Path, model, optimizer, scheduler, accelerator: Accelerator) ->
         try:
             state = ckpt.load_checkpoint(path, model, optimizer, scheduler)
         except Exception as err:  # damaged files raise whatever their reader raises
-            errors.append(f"{path.name}: {type(err).__name__}: {err}")
-            logger.warning("could not load %s (%s: %s); trying the one before", path, type(err).__name__, err)
+            reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+            errors.append(f"{path.name}: {reason}")
+            logger.warning("could not load %s (%s); trying the one before", path, reason)
             continue
         accelerator.print(f"resumed from {path} at step {state['step']}")
         return state

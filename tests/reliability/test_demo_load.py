@@ -32,7 +32,9 @@ from llava_jp.demo import Conversation, DemoHandlers  # noqa: E402
 SETTINGS = GenerationSettings(max_new_tokens=12)  # greedy
 SLIDERS = (SETTINGS.temperature, SETTINGS.top_p, SETTINGS.max_new_tokens, SETTINGS.repetition_penalty)
 MAX_PIXELS = 1_000_000
-RSS_GROWTH_LIMIT = 400 * 2**20  # what 20 sessions and every abuse below may add to the server
+# what 20 sessions and every abuse below may add to the server: one request at a time (the queue's
+# concurrency is 1), and the largest is an image shrunk to 4096 px, ~300 MB while it is preprocessed
+RSS_GROWTH_LIMIT = 600 * 2**20
 
 
 class RssMonitor(threading.Thread):

@@ -130,8 +130,8 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(forkserver, tr
                                                                   tmp_path, checked):
     seed = int(os.environ.get("LLAVA_JP_KILL_SEED", time.time_ns() % 10**6 if SOAK else 0))
     rng = random.Random(seed)
-    plan = _plan(reference["points"], scaled(8, 80), rng)
-    timed = [rng.uniform(0, reference["seconds"]) for _ in range(scaled(4, 40))]
+    plan = _plan(reference["points"], scaled(7, 80), rng)
+    timed = [rng.uniform(0, reference["seconds"]) for _ in range(scaled(3, 40))]
     kills = partial = 0
     for trial, fault_at in enumerate([*plan, *[None] * len(timed)]):
         out = tmp_path / f"trial-{trial}"

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 
 from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
 from llava_jp.builder import build
 from llava_jp.chat import load_model
 from llava_jp.import_llava_jp import _load_pickle
 from llava_jp.train import checkpoint as ckpt
+from llava_jp.train.loop import _resume
 
 from ..helpers import write_preset
 
@@ -116,6 +118,8 @@ def test_hostile_pickles_are_refused_without_running(tiny_dir, tmp_path, checked
     (saved / ckpt.STATE_FILE).write_text(json.dumps(state))
     with pytest.raises(Exception, match="Weights only load failed"):
         ckpt.load_checkpoint(saved, model, optimizer, scheduler)
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint in .* could be loaded: checkpoint-1: UnpicklingError"):  # --resume stops; it does not start over
+        _resume(tmp_path / "run", model, optimizer, scheduler, Accelerator(cpu=True))
     refused += 1
     # a predecessor checkpoint (`llava-jp import-llava-jp`)
     torch.save({"model.mm_projector.0.weight": _Payload(marker)}, tmp_path / "mm_projector.bin")
