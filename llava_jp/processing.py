@@ -60,7 +60,7 @@ def load_image(image: ImageLike, max_pixels: int | None = None) -> Image.Image:
         if err.errno is not None:  # the file system's error (permission, a directory, I/O), not PIL's
             raise ImageLoadError("unreadable_image", f"{name}: {err}") from None
         raise ImageLoadError("corrupt_image", f"{name}: {err}") from None
-    except Exception as err:  # a damaged file can make a decoder raise SyntaxError, struct.error, ...
+    except Exception as err:  # noqa: BLE001 -- a damaged file can make a decoder raise SyntaxError, struct.error, ...
         raise ImageLoadError("corrupt_image", f"{name}: {type(err).__name__}: {err}") from None
 
 

@@ -92,3 +92,20 @@ def chat_pairs(chat) -> list[tuple[str, str]]:
     """A Gradio chat as (user turn, assistant turn) pairs, each "role:text"."""
     return [(chat[i]["role"] + ":" + chat_text(chat[i]["content"]),
              chat[i + 1]["role"] + ":" + chat_text(chat[i + 1]["content"])) for i in range(0, len(chat), 2)]
+
+
+def supervised_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
+    """The supervised spans of a sample (consecutive labels that are not ignored), each checked
+    to equal the input ids at those positions."""
+    from llava_jp.modeling import IGNORE_INDEX
+
+    runs, current = [], []
+    for i, label in zip(ids, labels):
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            assert label == i
+            current.append(i)
+    return runs + ([current] if current else [])

@@ -20,7 +20,13 @@ from PIL import Image
 
 from ..modeling import IGNORE_INDEX
 from ..processing import IMAGE_FAULTS, ImageLoadError, LlavaJpProcessor, load_image
-from ..templates import CONVERSATION_FAULTS, conversation_issues, get_template, normalize_conversation, plain_caption_messages
+from ..templates import (
+    CONVERSATION_FAULTS,
+    conversation_issues,
+    get_template,
+    normalize_conversation,
+    plain_caption_messages,
+)
 
 logger = logging.getLogger(__name__)
 

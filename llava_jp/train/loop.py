@@ -202,7 +202,7 @@ def _resume(out: Path, model, optimizer, scheduler, accelerator: Accelerator) ->
     for path in reversed(found):
         try:
             state = ckpt.load_checkpoint(path, model, optimizer, scheduler)
-        except Exception as err:  # damaged files raise whatever their reader raises
+        except Exception as err:  # noqa: BLE001 -- damaged files raise whatever their reader raises
             reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
             errors.append(f"{path.name}: {reason}")
             logger.warning("could not load %s (%s); trying the one before", path, reason)

@@ -18,7 +18,14 @@ from llava_jp.train.config import load_config
 from llava_jp.train.data import Collator, DataError, encode_dataset, load_records
 from llava_jp.train.loop import setup_model, train
 
-from .faults import bad_conversations, broken_images, image_sample, unusual_images, write_images, write_json
+from .faults import (
+    bad_conversations,
+    broken_images,
+    image_sample,
+    unusual_images,
+    write_images,
+    write_json,
+)
 
 MAX_LENGTH = 256
 
@@ -48,11 +55,10 @@ def faulty(train_workspace, tmp_path_factory):
 
 
 def _cfg(ws, faulty, out, **kw):
-    values = dict(model=str(ws["base"]), image_folder=str(faulty["images"]), data_path=str(faulty["data"]),
-                  output_dir=str(out), per_device_batch_size=4, learning_rate=1e-3, logging_steps=1,
-                  save_steps=1000, warmup_ratio=0.0, max_length=MAX_LENGTH, seed=3)
-    values.update(kw)
-    return load_config(None, **values)
+    values = {"model": str(ws["base"]), "image_folder": str(faulty["images"]), "data_path": str(faulty["data"]),
+              "output_dir": str(out), "per_device_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
+              "save_steps": 1000, "warmup_ratio": 0.0, "max_length": MAX_LENGTH, "seed": 3}
+    return load_config(None, **{**values, **kw})
 
 
 def test_every_fault_is_skipped_and_counted_and_every_good_sample_trains(train_workspace, faulty, tmp_path, caplog, checked):

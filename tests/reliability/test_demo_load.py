@@ -24,10 +24,10 @@ from .faults import png_header
 
 gr = pytest.importorskip("gradio", reason="the demo tests need the [demo] extra (gradio)")
 psutil = pytest.importorskip("psutil")
-from gradio_client import Client, handle_file  # noqa: E402
-from gradio_client.exceptions import AppError  # noqa: E402
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 
-from llava_jp.demo import Conversation, DemoHandlers  # noqa: E402
+from llava_jp.demo import Conversation, DemoHandlers
 
 SETTINGS = GenerationSettings(max_new_tokens=12)  # greedy
 SLIDERS = (SETTINGS.temperature, SETTINGS.top_p, SETTINGS.max_new_tokens, SETTINGS.repetition_penalty)
@@ -69,12 +69,12 @@ def server(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "llava_jp.cli", "demo", "--model", str(model), "--host", "127.0.0.1",
-                             "--port", str(port), "--max-image-pixels", str(MAX_PIXELS), "--device", "cpu"],
-                            stdout=log, stderr=subprocess.STDOUT,
-                            # one thread, as the expected answers are computed here: bit-identical logits
-                            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"})
+    with open(root / "server.log", "w") as log:  # the server keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "llava_jp.cli", "demo", "--model", str(model), "--host",
+                                 "127.0.0.1", "--port", str(port), "--max-image-pixels", str(MAX_PIXELS), "--device", "cpu"],
+                                stdout=log, stderr=subprocess.STDOUT,
+                                # one thread, as the expected answers are computed here: bit-identical logits
+                                env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 180
     while True:
         assert proc.poll() is None and time.time() < deadline, (root / "server.log").read_text()[-3000:]
@@ -93,7 +93,6 @@ def server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    log.close()
 
 
 def _conversation(url, image, questions, start=None):
@@ -201,7 +200,7 @@ def test_hostile_uploads_prompts_and_parameters_get_clear_errors(server, tmp_pat
     model, processor = load_model(str(server["model"]), device="cpu")
     handlers = DemoHandlers(model, processor)
     for sliders in [(math.nan, 1.0, 12, 1.0), (0.0, 1.0, 12, math.inf), (0.0, math.nan, 12, 1.0), (0.0, 1.0, "12", 1.0)]:
-        (_, state, status, _), = handlers.respond("何色？", Conversation(), *sliders)
+        (_, _, status, _), = handlers.respond("何色？", Conversation(), *sliders)
         assert status.startswith("⚠️") and "にしてください" in status, (sliders, status)
 
     chat_end, status, _ = client.predict("形は？", *SLIDERS, api_name="/chat")  # the session still works

@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from llava_jp.builder import build
-from llava_jp.modeling import IGNORE_INDEX
 from llava_jp.processing import IMAGE_FAULTS, ImageLoadError, load_image
 from llava_jp.templates import CONVERSATION_FAULTS, normalize_conversation
 from llava_jp.train.data import LENGTH_FAULTS, encode_record
 
+from ..helpers import supervised_runs
 from .conftest import SOAK, scaled
 
 EOS = "<EOD|LLM-jp>"
@@ -81,19 +81,6 @@ def records(draw):
 conversations = records().map(lambda r: r[0])
 
 
-def _supervised_runs(ids, labels):
-    runs, current = [], []
-    for i, label in zip(ids, labels):
-        if label == IGNORE_INDEX:
-            if current:
-                runs.append(current)
-            current = []
-        else:
-            assert label == i
-            current.append(i)
-    return runs + ([current] if current else [])
-
-
 def test_random_records_are_kept_with_exact_answers_or_dropped_with_a_reason(processor, checked):
     outcomes = Counter()
     eos = processor.tokenizer.eos_token_id
@@ -112,7 +99,7 @@ def test_random_records_are_kept_with_exact_answers_or_dropped_with_a_reason(pro
             messages = messages[:-1]
         answers = [m["content"] for m in messages if m["role"] == "assistant"]
         ids, labels = out["input_ids"], out["labels"]
-        runs = _supervised_runs(ids, labels)
+        runs = supervised_runs(ids, labels)
         assert len(ids) == out["length"] <= max_length
         assert 1 <= len(runs) <= len(answers) and (len(runs) == len(answers)) == (out["status"] == "ok")
         assert [processor.tokenizer.decode(r, clean_up_tokenization_spaces=False) for r in runs] == \
@@ -122,7 +109,7 @@ def test_random_records_are_kept_with_exact_answers_or_dropped_with_a_reason(pro
 
     check()
     assert outcomes["ok"] and outcomes["truncated"] and len(outcomes) >= 6, outcomes
-    checked(f"random records by outcome", dict(outcomes))
+    checked("random records by outcome", dict(outcomes))
 
 
 def _seed_images() -> dict[str, bytes]:
@@ -174,8 +161,7 @@ def test_random_image_bytes_load_as_rgb_or_raise_image_load_error(processor, wor
     @_fuzz_settings(250, 20_000)
     @given(sample=image_bytes())
     def check(sample):
-        kind, data = sample
-        path.write_bytes(data)
+        path.write_bytes(sample[1])
         try:
             image = load_image(path)
         except ImageLoadError as err:
