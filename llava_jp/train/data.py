@@ -19,9 +19,8 @@ import torch
 from PIL import Image
 
 from ..modeling import IGNORE_INDEX
-from ..processing import IMAGE_FAULTS, ImageLoadError, LlavaJpProcessor, load_image
+from ..processing import ImageLoadError, LlavaJpProcessor, load_image
 from ..templates import (
-    CONVERSATION_FAULTS,
     conversation_issues,
     get_template,
     normalize_conversation,
@@ -37,8 +36,8 @@ class DataError(ValueError):
 
 # samples too long for max_length (found at tokenization, like `CONVERSATION_FAULTS`)
 LENGTH_FAULTS = ("image_cut_by_max_length", "no_complete_answer_within_max_length")
-# every reason a sample can be dropped; image faults are found lazily, when a batch is built
-DROP_REASONS = CONVERSATION_FAULTS + LENGTH_FAULTS + IMAGE_FAULTS
+# part of the tokenization cache key: bump it when `encode_record`'s rules change
+ENCODING_VERSION = 2
 
 
 def load_records(data_path: str) -> tuple[datasets.Dataset, str]:
@@ -170,7 +169,7 @@ def encode_dataset(records: datasets.Dataset, source_fingerprint: str, processor
     get_template(processor.template)
     vocab = processor.tokenizer.get_vocab()
     key = hashlib.sha256(json.dumps([
-        source_fingerprint, processor.template, processor.num_image_tokens, processor.image_token_id,
+        ENCODING_VERSION, source_fingerprint, processor.template, processor.num_image_tokens, processor.image_token_id,
         max_length, sorted(vocab.items()), processor.tokenizer.eos_token_id, processor._special_prefix(),
     ]).encode()).hexdigest()[:16]
     cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "llava_jp_tokenized"

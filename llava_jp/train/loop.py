@@ -103,7 +103,10 @@ def _atomic_write(final: Path, write) -> None:
             shutil.rmtree(final)
         os.replace(tmp, final)
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         intact = ckpt.complete_checkpoints(final.parent)
         kept = f"the newest complete checkpoint is {intact[-1]}" if intact else "there is no checkpoint"
         raise ckpt.CheckpointError(f"could not write {final} ({err}); {kept}. Free space and rerun with --resume "
