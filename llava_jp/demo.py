@@ -123,6 +123,7 @@ class DemoHandlers:
             logger.exception("generation failed")
             yield state.display, state, f"⚠️ {INTERNAL_ERROR}", turn.question
             return
+        display[-1] = {"role": "assistant", "content": turn.text}  # as the history keeps it (trailing spaces trimmed)
         state = Conversation(image=state.image, messages=session.messages, display=display)
         yield display, state, " ".join(s for s in (notice, "回答しました。") if s), ""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from collections.abc import Sequence
@@ -57,7 +58,8 @@ def load_image(image: ImageLike, max_pixels: int | None = None) -> Image.Image:
     except Image.DecompressionBombError as err:
         raise ImageLoadError("image_too_large", f"{name}: {err}") from None
     except OSError as err:
-        if err.errno is not None:  # the file system's error (permission, a directory, I/O), not PIL's
+        # the file system's refusal; other OSErrors (PIL's, or a seek to where a damaged header points) mean the bytes
+        if isinstance(err, (PermissionError, IsADirectoryError, NotADirectoryError)) or err.errno == errno.EIO:
             raise ImageLoadError("unreadable_image", f"{name}: {err}") from None
         raise ImageLoadError("corrupt_image", f"{name}: {err}") from None
     except Exception as err:  # noqa: BLE001 -- a damaged file can make a decoder raise SyntaxError, struct.error, ...

@@ -141,5 +141,8 @@ def test_images_that_need_converting_load_and_broken_ones_name_their_reason(faul
         with pytest.raises(ImageLoadError) as err:
             load_image(faulty["images"] / sample_id.removeprefix("broken-"))
         assert err.value.reason == reason and sample_id.removeprefix("broken-") in str(err.value)
+    with pytest.raises(ImageLoadError) as err:
+        load_image(faulty["images"])  # a directory
+    assert err.value.reason == "unreadable_image"
     assert Image.MAX_IMAGE_PIXELS is not None  # the decompression-bomb guard is on
-    checked("image files classified", len(faulty["unusual"]) + len(faulty["broken"]))
+    checked("image files classified", len(faulty["unusual"]) + len(faulty["broken"]) + 1)

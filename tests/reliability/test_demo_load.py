@@ -218,3 +218,22 @@ def test_hostile_uploads_prompts_and_parameters_get_clear_errors(server, tmp_pat
     checked("hostile inputs refused with a clear message (or, for the 40000x1 image, answered)", n)
     checked("server peak RSS, sampled / kernel high-water mark (MiB)",
             f"{max(server['rss'].samples) / 2**20:.0f} / {server['rss'].high_water_mark() / 2**20:.0f}")
+
+
+def test_the_page_shows_each_answer_as_the_history_keeps_it(monkeypatch):
+    """Found by the 60-session soak: an answer ending in a space (here U+3000) was shown with it
+    while the history kept it trimmed, so the page and the model disagreed."""
+    from llava_jp.builder import build
+
+    model, processor = build("tiny", pretrained=False)
+    answer = processor.tokenizer("赤です。\u3000 ", add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+    def generate(streamer, **kwargs):
+        streamer.put(torch.zeros(1, 1, dtype=torch.long))  # the prompt, which the streamer skips
+        streamer.put(answer[0])
+        streamer.end()
+
+    monkeypatch.setattr(model, "generate", generate)
+    *_, (chat, state, status, _) = DemoHandlers(model, processor).respond("何色？", Conversation(), *SLIDERS)
+    assert status == "回答しました。"
+    assert chat[-1]["content"] == state.messages[-1]["content"] == "赤です。"
