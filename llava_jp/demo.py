@@ -104,7 +104,7 @@ class DemoHandlers:
         """Stream an answer -> yields (chat display, state, status, question box)."""
         state = state or Conversation()
         try:
-            settings = GenerationSettings(int(max_new_tokens), float(temperature), float(top_p), float(repetition_penalty))
+            settings = GenerationSettings(max_new_tokens, temperature, top_p, repetition_penalty)  # it checks them
             session = ChatSession(self.model, self.processor, image=state.image, messages=state.messages,
                                   max_image_pixels=self.max_image_pixels)
             turn = session.send(question or "", settings)
@@ -191,6 +191,7 @@ def serve(demo, host: str = "127.0.0.1", port: int | None = None, block: bool = 
     return demo.launch(
         server_name=host, server_port=port, prevent_thread_lock=not block, ssr_mode=False,
         theme=gr.themes.Default(font=FONTS, font_mono=["monospace"]), max_file_size="64mb", quiet=not block,
+        show_error=True,  # API callers see why a value was refused (our handlers never raise)
     )
 
 
