@@ -47,12 +47,12 @@ def build_char_tokenizer(extra_characters: str = "") -> PreTrainedTokenizerFast:
 
 
 def _bpe_corpus() -> list[str]:
-    from .synthetic import COLOURS, QUESTIONS, SHAPES
+    from .synthetic import COLOURS, PATTERNS, QUESTIONS, SHAPES, caption
     from .templates import TEMPLATES
 
     texts = [t.system + t.user_prefix + t.assistant_prefix + t.turn_separator + t.user_prefix for t in TEMPLATES.values()]
-    texts += list(QUESTIONS.values()) + list(COLOURS) + list(SHAPES) + [str(d) for d in range(10)]
-    texts += [f"{c}色の{s}と数字の{d}。" for c in COLOURS for s in SHAPES for d in range(10)]
+    texts += list(QUESTIONS.values()) + list(COLOURS) + list(SHAPES) + list(PATTERNS) + [str(d) for d in range(10)]
+    texts += [caption({"color": c, "shape": s, "pattern": p}) for c in COLOURS for s in SHAPES for p in PATTERNS]
     return texts * 4 + list(base_characters())
 
 
