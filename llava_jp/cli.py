@@ -18,6 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("llava_jp.demo", "Japanese web chat demo (Gradio; needs the [demo] extra)"),
     "release": ("llava_jp.release", "write a hub release folder (remote code, card), verify it loads without llava-jp, push"),
     "import-llava-jp": ("llava_jp.import_llava_jp", "convert a predecessor (LLaVA-JP v1.x) checkpoint into this format"),
+    "cache-features": ("llava_jp.feature_cache", "compute frozen vision-tower features once for stage-1 training"),
+    "bench": ("llava_jp.bench", "time training steps and generation against transformers' LLaVA; full-size memory"),
 }
 ACCEPTS_OVERRIDES = {"train"}
 

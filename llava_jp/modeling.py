@@ -73,17 +73,27 @@ class LlavaJpForConditionalGeneration(PreTrainedModel, GenerationMixin):
         for p in vision.unused_parameters(self.vision_tower, self.config.vision_feature_layer):
             p.requires_grad_(False)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pixels -> LM-width embeddings, (n_images, num_image_tokens, hidden). The one place."""
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pixels -> vision features before the projector, (n_images, num_image_tokens, projector_input_width).
+
+        This is what a feature cache stores: it depends only on the (frozen) vision tower.
+        """
         tower_dtype = next(self.vision_tower.parameters()).dtype
-        pixel_values = pixel_values.to(tower_dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_tower_trainable()):
-            features = vision.IMAGE_FEATURES[self.config.vision_layout](
-                self.vision_tower, pixel_values, self.config.vision_feature_layer,
+            return vision.IMAGE_FEATURES[self.config.vision_layout](
+                self.vision_tower, pixel_values.to(tower_dtype), self.config.vision_feature_layer,
                 self.config.s2_scales, self.config.s2_split_size,
             )
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Pixels (or their vision features, e.g. from a feature cache) -> LM-width embeddings,
+        (n_images, num_image_tokens, hidden). The one place the projector runs."""
+        if vision_features is None:
+            vision_features = self.encode_images(pixel_values)
         projector_dtype = self.multi_modal_projector[0].weight.dtype
-        return self.multi_modal_projector(features.to(projector_dtype))
+        return self.multi_modal_projector(vision_features.to(projector_dtype))
 
     def embed_inputs(
         self,
@@ -93,24 +103,24 @@ class LlavaJpForConditionalGeneration(PreTrainedModel, GenerationMixin):
     ) -> torch.Tensor:
         """Token embeddings with every image placeholder replaced by image features, in order.
 
-        `image_features` (already projected) may be given instead of `pixel_values`, e.g. from a
-        feature cache. Text-only inputs never run the vision tower.
+        `image_features` (vision features before the projector, as `encode_images` returns them)
+        may be given instead of `pixel_values`, e.g. from a feature cache. Text-only inputs never
+        run the vision tower.
         """
         is_image = input_ids == self.config.image_token_id
         embeds = self.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
         n_slots = int(is_image.sum())
-        if image_features is None and pixel_values is not None and n_slots:
-            image_features = self.get_image_features(pixel_values)
-        n_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
-        if n_slots != n_features:
-            n_images = 0 if image_features is None else image_features.shape[0]
+        images = image_features if image_features is not None else pixel_values
+        n_images = 0 if images is None else images.shape[0]
+        if n_slots and n_slots != n_images * self.num_image_tokens:
             raise ValueError(
                 f"image placeholder tokens ({n_slots}) do not match image features ({n_images} images x "
-                f"{self.num_image_tokens} tokens = {n_features}); the processor expands each <image> into "
-                f"{self.num_image_tokens} placeholders and needs one image per <image>"
+                f"{self.num_image_tokens} tokens = {n_images * self.num_image_tokens}); the processor expands each "
+                f"<image> into {self.num_image_tokens} placeholders and needs one image per <image>"
             )
         if n_slots:
-            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), image_features.to(embeds.dtype))
+            projected = self.get_image_features(pixel_values, vision_features=image_features)
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), projected.to(embeds.dtype))
         return embeds
 
     # -- forward -----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ class TrainConfig:
     max_length: int = 1532
     group_by_modality_length: bool = True
     strict_data: bool = False
+    feature_cache: str | None = None  # `llava-jp cache-features --out` dir: frozen-tower features instead of pixels
     dataloader_num_workers: int = 0
 
     # optimisation
@@ -71,6 +72,8 @@ class TrainConfig:
         for name in ("per_device_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.feature_cache and self.train_vision_tower:
+            raise ValueError("feature_cache: cached features need a frozen vision tower (train_vision_tower is true)")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
 

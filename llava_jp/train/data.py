@@ -18,6 +18,7 @@ import datasets
 import torch
 from PIL import Image
 
+from ..feature_cache import FeatureCache
 from ..modeling import IGNORE_INDEX
 from ..processing import ImageLoadError, LlavaJpProcessor, load_image
 from ..templates import (
@@ -219,7 +220,8 @@ def grouped_batches(lengths: list[int], has_image: list[bool], batch_size: int, 
 
 
 class Collator:
-    """Indices -> a padded training batch with pixel values for the samples that have images.
+    """Indices -> a padded training batch with pixel values for the samples that have images
+    (or, with a `feature_cache`, their cached vision features as `image_features`).
 
     Images are opened here, lazily. A sample whose image cannot be used is left out of the
     batch and reported in `batch["faults"]` as `(sample id, reason, message)` (a batch also
@@ -230,11 +232,12 @@ class Collator:
     """
 
     def __init__(self, dataset: datasets.Dataset, processor: LlavaJpProcessor, image_folder: str,
-                 strict: bool = False):
+                 strict: bool = False, feature_cache: FeatureCache | None = None):
         self.dataset = dataset
         self.processor = processor
         self.image_folder = Path(image_folder) if image_folder else None
         self.strict = strict
+        self.feature_cache = feature_cache
 
     def image_path(self, relative: str) -> Path:
         return self.image_folder / relative if self.image_folder else Path(relative)
@@ -242,8 +245,11 @@ class Collator:
     def __call__(self, indices: list[int]) -> dict:
         rows = self.dataset.select(indices)
         features, pixels, faults = [], [], []
+        cached_images = []
         for r in rows:
-            if r["image"]:
+            if r["image"] and self.feature_cache is not None:
+                cached_images.append(r["image"])
+            elif r["image"]:
                 try:
                     pixels.append(self.processor.preprocess_images([load_image(self.image_path(r["image"]))]))
                 except ImageLoadError as err:
@@ -258,6 +264,8 @@ class Collator:
             if first["image"]:
                 pixels = [self.processor.preprocess_images([Image.new("RGB", (8, 8))])]
         batch = self.processor.pad(features, padding_side="right")
+        if cached_images:
+            batch["image_features"] = self.feature_cache.load(cached_images)
         if pixels:
             batch["pixel_values"] = torch.cat(pixels)
         batch["faults"] = faults

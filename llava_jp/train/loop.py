@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .. import LlavaJpForConditionalGeneration, LlavaJpProcessor
+from .. import feature_cache
 from ..builder import build
 from ..modeling import IGNORE_INDEX
 from ..processing import IMAGE_FAULTS
@@ -53,6 +54,12 @@ def setup_model(cfg: TrainConfig) -> tuple[LlavaJpForConditionalGeneration, Llav
     if cfg.pretrained_projector:
         weights = load_file(cfg.pretrained_projector)
         model.multi_modal_projector.load_state_dict(weights, strict=True)
+    prepare_for_training(model, cfg)
+    return model, processor
+
+
+def prepare_for_training(model: LlavaJpForConditionalGeneration, cfg: TrainConfig) -> None:
+    """Set what trains for the stage, store a frozen tower in bf16, enable gradient checkpointing."""
     model.requires_grad_(False)
     model.multi_modal_projector.requires_grad_(True)
     if cfg.stage == 2:
@@ -65,7 +72,6 @@ def setup_model(cfg: TrainConfig) -> tuple[LlavaJpForConditionalGeneration, Llav
     if cfg.gradient_checkpointing:
         model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.language_model.config.use_cache = False
-    return model, processor
 
 
 def build_optimizer(model: LlavaJpForConditionalGeneration, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -238,6 +244,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     has_image = [bool(x) for x in dataset["image"]]
     world, rank = accelerator.num_processes, accelerator.process_index
     batches, total_steps = _schedule(lengths, has_image, cfg, cfg.per_device_batch_size * world, world)
+    cache = None
+    if cfg.feature_cache:  # checked once here: every image cached for this exact vision tower
+        cache = feature_cache.open_for_training(cfg.feature_cache, model, processor,
+                                                [x for x in dataset["image"] if x], cfg.image_folder)
 
     optimizer = build_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -254,7 +264,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     accum = cfg.gradient_accumulation_steps
     my_batches = [b[rank::world] for b in batches[start_step * accum: total_steps * accum]]
-    collator = Collator(dataset, processor, cfg.image_folder, strict=cfg.strict_data)
+    collator = Collator(dataset, processor, cfg.image_folder, strict=cfg.strict_data, feature_cache=cache)
     loader = DataLoader(my_batches, batch_size=None, shuffle=False, collate_fn=collator,
                         num_workers=cfg.dataloader_num_workers,
                         # its own generator: creating the iterator must not draw from the global

@@ -1,0 +1,135 @@
+"""Peak memory of one full-size stage-2 training step (`llava-jp bench --memory`).
+
+The step is set up exactly as `llava-jp train --config stage2` sets it up (fp32 master weights
+for what trains, frozen tower stored in bf16, bf16 autocast, 8-bit AdamW with 32-bit state for
+embeddings, gradient checkpointing), on `llava-jp-1.3b-s2` with random weights, batch 1.
+
+Three figures:
+- CUDA: `torch.cuda.max_memory_allocated` (what decides whether a GPU fits).
+- Any device: the peak of live tensor storage bytes, counted op by op (`TensorMemory`). It is
+  what `max_memory_allocated` measures, without the CUDA allocator's rounding, and it counts a
+  custom op (bitsandbytes' optimizer update) by its outputs only, as its fused CUDA kernel has no
+  temporaries; on CPU it is the figure to compare with a GPU's memory.
+- CPU: the process's peak resident set size, which adds the Python/torch runtime, freed memory
+  the C allocator keeps, and the fp32 temporaries of bitsandbytes' unfused CPU optimizer.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import time
+import weakref
+from contextlib import nullcontext
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .bench import _sample, bench_size
+from .builder import build_config, load_preset
+from .modeling import LlavaJpForConditionalGeneration
+
+GIB = 2**30
+
+
+class TensorMemory(TorchDispatchMode):
+    """Live tensor bytes while active: `baseline` tensors plus every storage an op creates, until
+    it is freed; `peak` is the maximum."""
+
+    def __init__(self, baseline: list[torch.Tensor]):
+        super().__init__()
+        self._live: dict[int, int] = {}
+        for t in baseline:
+            self._add(t)
+        self.peak = self.live
+
+    @property
+    def live(self) -> int:
+        return sum(self._live.values())
+
+    def _add(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0 or key in self._live or tensor.device.type == "meta":
+            return
+        self._live[key] = storage.nbytes()
+        weakref.finalize(storage, self._live.pop, key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        before = len(self._live)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        if len(self._live) != before:
+            self.peak = max(self.peak, self.live)
+        return out
+
+
+def _long_sample(model: LlavaJpForConditionalGeneration, seq_len: int) -> tuple[list[int], list[int]]:
+    """A stage-2 conversation (one image, question/answer turns) cut to exactly `seq_len` tokens."""
+    ids, labels = _sample(bench_size("tiny"), 2, random.Random(0), model.num_image_tokens, model.config.image_token_id,
+                          model.config.text_config.vocab_size, turns=1)
+    rng = random.Random(1)
+    while len(ids) < seq_len:  # more answer text, all supervised
+        more = [rng.randrange(100, model.config.text_config.vocab_size) for _ in range(100)]
+        ids, labels = ids + more, labels + more
+    return ids[:seq_len], labels[:seq_len]
+
+
+def memory_step(device: torch.device, precision: str, seq_len: int = 1532,
+                preset_name: str = "llava-jp-1.3b-s2") -> dict:
+    """One training step; returns peak memory figures and live tensor bytes after each phase.
+
+    `precision="fp32"` keeps the same storage but runs the LM without autocast (CPUs without bf16
+    units run autocast matmuls hundreds of times slower); the frozen tower still computes in bf16,
+    as stored. Run it in a fresh process: the RSS peak is the process's.
+    """
+    import psutil
+
+    from .train.config import load_config
+    from .train.loop import build_optimizer, prepare_for_training
+
+    preset = load_preset(preset_name)
+    cfg = load_config("stage2", preset=preset_name, data_path="unused", per_device_batch_size=1,
+                      mixed_precision="bf16", optimizer="adamw_8bit", gradient_checkpointing=True)
+    torch.manual_seed(0)
+    model = LlavaJpForConditionalGeneration(build_config(preset, pretrained=False))
+    prepare_for_training(model, cfg)
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg)
+    ids, labels = _long_sample(model, seq_len)
+    batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, seq_len, dtype=torch.long),
+             "labels": torch.tensor([labels]),
+             "pixel_values": torch.randn(1, 3, model.config.image_size, model.config.image_size)}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    tracker = TensorMemory([*model.parameters(), *model.buffers(), *batch.values()])
+    live = {"model_and_batch": tracker.live / GIB}
+    start = time.perf_counter()
+    with tracker:
+        with autocast:
+            loss = model(**batch, use_cache=False).loss
+        live["after_forward"] = tracker.live / GIB
+        loss.backward()
+        live["after_backward"] = tracker.live / GIB
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        live["after_optimizer_step"] = tracker.live / GIB
+        optimizer.zero_grad(set_to_none=True)
+    report = {
+        "preset": preset_name, "device": str(device), "compute": precision, "seq_len": seq_len, "batch": 1,
+        "supervised_tokens": sum(label != -100 for label in labels[1:]),
+        "loss": float(loss.detach()), "step_s": time.perf_counter() - start,
+        "peak_tensor_gib": tracker.peak / GIB, "live_tensor_gib": live,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "final_rss_gib": psutil.Process().memory_info().rss / GIB,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    if device.type == "cuda":
+        report["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
+        report["gpu"] = torch.cuda.get_device_name(device)
+    return report

@@ -1,0 +1,48 @@
+import json
+
+import torch
+
+from llava_jp.bench import bench_size, build_ours, build_peer, for_peer, make_batch
+from llava_jp.cli import main
+
+RATIOS = ("train_step_ratio", "stage1_step_ratio", "stage1_cache_speedup", "generate_tps_ratio")
+
+
+def test_bench_json_has_the_ratios_and_both_sides_compute_the_same_loss(capsys):
+    assert main(["bench", "--size", "tiny", "--repeats", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in RATIOS:
+        assert report[key] > 0, key
+    vocab = report["size"]["language_model"]["vocab_size"]
+    for stage in ("stage1", "stage2"):
+        check = report[stage]["loss_check"]
+        # the peer's softmax has one more entry (`<image>`, zero head row): its loss is higher by ~1/vocab
+        assert 0 <= check["peer"] - check["ours"] < 2 / vocab, check
+        assert set(report[stage]["median_s"]) >= {"ours", "peer", "ours_s2"}
+    assert set(report["stage1"]["median_s"]) >= {"ours_cached", "ours_s2_cached"}
+    assert report["generate"]["same_tokens_as_peer"]
+    assert report["generate"]["ours"]["decode_tokens_per_s"] > 0
+
+
+def test_peer_shares_our_weights_and_sees_image_as_a_vocabulary_token():
+    size = bench_size("tiny")
+    torch.manual_seed(0)
+    ours = build_ours(size, s2=False)
+    peer = build_peer(ours)
+    assert peer.model.vision_tower is ours.vision_tower
+    assert peer.model.language_model.h is ours.language_model.base_model.h
+    vocab = ours.config.text_config.vocab_size
+    assert peer.lm_head.weight.shape[0] == vocab + 1 and not peer.lm_head.weight[vocab].any()
+    batch = make_batch(size, 2, ours, seed=0)
+    peer_batch = for_peer(batch, ours)
+    assert (peer_batch["input_ids"] == vocab).sum() == (batch["input_ids"] == ours.config.image_token_id).sum() > 0
+    with torch.no_grad():
+        mine = ours(**batch).loss
+        theirs = peer(**peer_batch).loss
+        # the same computation once the `<image>` row is dropped from the peer's logits
+        hidden = peer.model(**{k: v for k, v in peer_batch.items() if k != "labels"}).last_hidden_state
+        logits = peer.lm_head(hidden)[..., :vocab]
+        targets = batch["labels"][:, 1:]
+        expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), targets.reshape(-1))
+    torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-5)
+    assert theirs > mine
