@@ -60,6 +60,7 @@ class BenchSize:
     repeats: int = 5
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"
+    stage2_optimizer_step: bool = True  # off at full size on a 24 GB CPU box: the LM's optimizer state does not fit
 
 
 def _siglip(hidden: int, layers: int, heads: int, image: int = 384, patch: int = 14) -> dict:
@@ -85,7 +86,8 @@ def bench_size(name: str) -> BenchSize:
         return BenchSize(vision=dict(preset.vision.config), language_model={**preset.language_model.config,
                          "attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0},
                          s2_scales=list(preset.vision.s2_scales), stage1_batch=1, stage2_batch=1,
-                         warmup=1, repeats=3, gradient_checkpointing=True, optimizer="adamw_8bit")
+                         warmup=1, repeats=3, gradient_checkpointing=True, optimizer="adamw_8bit",
+                         stage2_optimizer_step=torch.cuda.is_available())
     if name == "tiny":
         return BenchSize(vision=_siglip(32, 2, 2, image=56), language_model=_gpt2(32, 2, 2, vocab=1000),
                          s2_scales=[56, 112], stage1_batch=2, stage2_batch=2, caption_tokens=(5, 10),
@@ -264,12 +266,13 @@ def _optimizer(params: list[nn.Parameter], kind: str, lr: float) -> torch.optim.
     return torch.optim.AdamW(unique, lr=lr)
 
 
-def _train_step(runner: Runner, optimizer, forward) -> float:
+def _train_step(runner: Runner, optimizer, forward, step: bool = True) -> float:
     optimizer.zero_grad(set_to_none=True)
     with runner.autocast:
         loss = forward()
     loss.backward()
-    optimizer.step()
+    if step:
+        optimizer.step()
     return float(loss.detach())
 
 
@@ -324,10 +327,15 @@ def measure_training(runner: Runner, size: BenchSize, stage: int, ours, ours_s2,
     lr = 1e-4 if stage == 1 else 1e-5
     params = [p for m in (ours, ours_s2, peer) for p in m.parameters() if p.requires_grad]
     optimizer = _optimizer(params, size.optimizer, lr)
+    step = stage == 1 or size.stage2_optimizer_step
+
+    def train_step(forward):
+        return lambda: _train_step(runner, optimizer, forward, step)
+
     contenders = {
-        "ours": lambda: _train_step(runner, optimizer, lambda: ours(**batch_d, use_cache=False).loss),
-        "peer": lambda: _train_step(runner, optimizer, lambda: peer(**peer_d, use_cache=False).loss),
-        "ours_s2": lambda: _train_step(runner, optimizer, lambda: ours_s2(**s2_d, use_cache=False).loss),
+        "ours": train_step(lambda: ours(**batch_d, use_cache=False).loss),
+        "peer": train_step(lambda: peer(**peer_d, use_cache=False).loss),
+        "ours_s2": train_step(lambda: ours_s2(**s2_d, use_cache=False).loss),
     }
     if cache_dir is not None:
         names = [f"image-{i}.png" for i in range(batch["input_ids"].shape[0])]
@@ -341,16 +349,17 @@ def measure_training(runner: Runner, size: BenchSize, stage: int, ours, ours_s2,
                 features = cache.load(names).to(device)
                 return model(**text, image_features=features, use_cache=False).loss
 
-            contenders[key] = (lambda f=cached: _train_step(runner, optimizer, f))
+            contenders[key] = train_step(cached)
     if ablations:
-        contenders["ours_full_logits"] = lambda: _train_step(runner, optimizer, lambda: _full_logits_loss(ours, batch_d))
+        contenders["ours_full_logits"] = train_step(lambda: _full_logits_loss(ours, batch_d))
         text_d = {k: v for k, v in batch_d.items() if k != "pixel_values"}
-        contenders["ours_whole_tower"] = lambda: _train_step(runner, optimizer, lambda: ours(
+        contenders["ours_whole_tower"] = train_step(lambda: ours(
             **text_d, image_features=_whole_tower_features(ours, batch_d["pixel_values"]), use_cache=False).loss)
     ours.train(), ours_s2.train(), peer.train()
     results = runner.alternate(contenders, size.warmup, size.repeats)
     tokens = int(batch["attention_mask"].sum())
     return {
+        "optimizer_step": step,
         "batch": {"samples": batch["input_ids"].shape[0], "tokens": tokens, "padded_length": batch["input_ids"].shape[1],
                   "supervised_tokens": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())},
         "loss_check": check,
