@@ -35,35 +35,16 @@ def validate_sample(sample) -> list[tuple[str, str]]:
     """Every reason the trainer would reject the sample, as `(code, detail)` pairs.
 
     Codes: malformed_sample, empty_turn, bad_role, bad_turn_order, image_tag_mismatch. A
-    trailing user turn is allowed (the trainer drops it).
+    trailing user turn is allowed (the trainer drops it). The conversation rules are the
+    trainer's own (`llava_jp.templates.conversation_issues`), imported on first use.
     """
+    from llava_jp.templates import conversation_issues
+
     if not isinstance(sample, dict):
         return [("malformed_sample", f"sample is {type(sample).__name__}, not an object")]
-    turns = sample.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        return [("malformed_sample", "missing or empty 'conversations'")]
-    if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
-        return [("malformed_sample", "every turn needs a string 'value'")]
     if sample.get("image") is not None and not isinstance(sample["image"], str):
         return [("malformed_sample", "'image' must be one path (one image per sample)")]
-
-    issues = [("empty_turn", f"turn {i} is empty")
-              for i, t in enumerate(turns) if not t["value"].strip()]
-    try:
-        roles = [m["role"] for m in normalize_conversation(turns)]
-    except ValueError as err:
-        return issues + [("bad_role", str(err))]
-    alternating = ["user", "assistant"] * (len(roles) // 2 + 1)
-    if roles != alternating[:len(roles)] or "assistant" not in roles:
-        issues.append(("bad_turn_order", "roles must alternate user/assistant, starting with "
-                       f"user, with at least one answer: {roles}"))
-    n_images = len(image_paths(sample))
-    user_tags = sum(t["value"].count(IMAGE_TAG) for t, r in zip(turns, roles) if r == "user")
-    answer_tags = sum(t["value"].count(IMAGE_TAG) for t, r in zip(turns, roles) if r != "user")
-    if user_tags != n_images or answer_tags:
-        issues.append(("image_tag_mismatch", f"{n_images} image(s) but {user_tags} {IMAGE_TAG} "
-                       f"in user turns and {answer_tags} in answers"))
-    return issues
+    return conversation_issues(sample.get("conversations"), len(image_paths(sample)))
 
 
 def _is_japanese_char(ch: str) -> bool:

@@ -53,7 +53,7 @@ def load_chat_image(image: ImageLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Ima
             with Image.open(image) as probe:  # reads the header only
                 width, height = probe.size
         if width * height <= max_pixels:
-            return load_image(image)
+            return load_image(image, max_pixels=max_pixels)
     except Image.DecompressionBombError:
         raise ChatError(f"画像が大きすぎます。{use_smaller}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
@@ -87,7 +87,9 @@ class GenerationSettings:
         for f in fields(self):
             low, high = self.RANGES[f.name]
             value = getattr(self, f.name)
-            if not low <= value <= high:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ChatError(f"{f.name} は数値にしてください（{value!r} が指定されました）。")
+            if not low <= value <= high:  # NaN fails here too
                 raise ChatError(f"{f.name} は {low} 以上 {high} 以下にしてください（{value} が指定されました）。")
         if int(self.max_new_tokens) != self.max_new_tokens:
             raise ChatError(f"max_new_tokens は整数にしてください（{self.max_new_tokens} が指定されました）。")

@@ -104,7 +104,7 @@ class DemoHandlers:
         """Stream an answer -> yields (chat display, state, status, question box)."""
         state = state or Conversation()
         try:
-            settings = GenerationSettings(int(max_new_tokens), float(temperature), float(top_p), float(repetition_penalty))
+            settings = GenerationSettings(max_new_tokens, temperature, top_p, repetition_penalty)  # it checks them
             session = ChatSession(self.model, self.processor, image=state.image, messages=state.messages,
                                   max_image_pixels=self.max_image_pixels)
             turn = session.send(question or "", settings)
@@ -123,6 +123,7 @@ class DemoHandlers:
             logger.exception("generation failed")
             yield state.display, state, f"⚠️ {INTERNAL_ERROR}", turn.question
             return
+        display[-1] = {"role": "assistant", "content": turn.text}  # as the history keeps it (trailing spaces trimmed)
         state = Conversation(image=state.image, messages=session.messages, display=display)
         yield display, state, " ".join(s for s in (notice, "回答しました。") if s), ""
 
@@ -191,6 +192,7 @@ def serve(demo, host: str = "127.0.0.1", port: int | None = None, block: bool = 
     return demo.launch(
         server_name=host, server_port=port, prevent_thread_lock=not block, ssr_mode=False,
         theme=gr.themes.Default(font=FONTS, font_mono=["monospace"]), max_file_size="64mb", quiet=not block,
+        show_error=True,  # API callers see why a value was refused (our handlers never raise)
     )
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import ProcessorMixin
 
 from .modeling import IGNORE_INDEX
@@ -14,28 +17,89 @@ from .templates import IMAGE_MARKER, Segment, get_template
 from .vision import DEFAULT_LAYOUT, LLAVA_JP_V1_1_LAYOUT
 
 ImageLike = Image.Image | str | os.PathLike
+# Longer sides are shrunk to this before padding and resizing: the padded square of a
+# 40000 x 1 image would need 4.8 GB, and the image processor works in float32. Far above any
+# model input (S2: 768 px), so ordinary images are untouched.
+MAX_PREPROCESS_SIDE = 4096
 PROMPT_LAYOUTS = (DEFAULT_LAYOUT, LLAVA_JP_V1_1_LAYOUT)
 
 
-def load_image(image: ImageLike) -> Image.Image:
+class ImageLoadError(ValueError):
+    """An image that cannot be used. `reason` is one of `IMAGE_FAULTS`; the message names the file."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+# why an image file cannot be used, as counted by the trainer (`llava_jp.train.data`)
+IMAGE_FAULTS = ("missing_image", "unreadable_image", "empty_image", "not_an_image", "corrupt_image", "image_too_large")
+
+
+def load_image(image: ImageLike, max_pixels: int | None = None) -> Image.Image:
     """Open an image (path or PIL), apply its EXIF orientation, and convert it to RGB.
 
-    PIL's decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`) stays on. Transparent images are
-    composited on white; CMYK, greyscale, palette and 16-bit images are converted to RGB.
+    Transparent images are composited on white; CMYK, greyscale, palette and 16-bit images are
+    converted to RGB. Files larger than `max_pixels` (default: PIL's `Image.MAX_IMAGE_PIXELS`,
+    whose decompression-bomb guard stays on) are refused from the header, before decoding.
+    Every failure is an `ImageLoadError` (a ValueError) whose `reason` says what was wrong:
+    PIL's decoders raise many exception types on damaged files, callers handle one.
     """
-    if not isinstance(image, Image.Image):
-        with Image.open(image) as opened:
-            opened.load()
-            image = opened.copy() if opened.mode != "P" else opened.convert("RGBA")
+    name = "image" if isinstance(image, Image.Image) else os.fspath(image)
+    try:
+        return _to_rgb(image if isinstance(image, Image.Image) else _open(image, name, max_pixels))
+    except ImageLoadError:
+        raise
+    except FileNotFoundError:
+        raise ImageLoadError("missing_image", f"{name}: no such file") from None
+    except UnidentifiedImageError:
+        reason, what = ("empty_image", "empty file") if _is_empty(image) else ("not_an_image", "not an image PIL can read")
+        raise ImageLoadError(reason, f"{name}: {what}") from None
+    except Image.DecompressionBombError as err:
+        raise ImageLoadError("image_too_large", f"{name}: {err}") from None
+    except OSError as err:
+        # the file system's refusal; other OSErrors (PIL's, or a seek to where a damaged header points) mean the bytes
+        if isinstance(err, (PermissionError, IsADirectoryError, NotADirectoryError)) or err.errno == errno.EIO:
+            raise ImageLoadError("unreadable_image", f"{name}: {err}") from None
+        raise ImageLoadError("corrupt_image", f"{name}: {err}") from None
+    except Exception as err:  # noqa: BLE001 -- a damaged file can make a decoder raise SyntaxError, struct.error, ...
+        raise ImageLoadError("corrupt_image", f"{name}: {type(err).__name__}: {err}") from None
+
+
+def _open(path: str | os.PathLike, name: str, max_pixels: int | None) -> Image.Image:
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    with warnings.catch_warnings():  # PIL warns above its limit; the check below refuses instead
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        opened = Image.open(path)  # reads the header only; PIL refuses 2x its limit here
+    with opened:
+        width, height = opened.size
+        if limit is not None and width * height > limit:
+            raise ImageLoadError("image_too_large", f"{name}: {width}x{height} = {width * height:,} pixels "
+                                                    f"> the limit of {limit:,}")
+        opened.load()
+        return opened.copy() if opened.mode != "P" else opened.convert("RGBA")
+
+
+def _is_empty(image) -> bool:
+    try:
+        return os.path.getsize(image) == 0
+    except (OSError, TypeError):
+        return False
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image)
     if image.mode == "P":
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
+        rgba = image.convert("RGBA")
         background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        image = image.point(lambda v: v / 256).convert("L")
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        # 16-bit (and 32-bit integer) greyscale: keep the top 8 of 16 bits; numpy reads any byte order
+        values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        image = Image.fromarray(values.astype(np.uint8), "L")
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
@@ -48,6 +112,14 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
     canvas = Image.new(image.mode, (side, side), fill)
     canvas.paste(image, ((side - width) // 2, (side - height) // 2))
     return canvas
+
+
+def _check_encodable(text: str) -> None:
+    """Text the tokenizer can take: lone surrogates (JSON escapes like "\\ud800") are not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"text is not valid Unicode ({err.reason} at character {err.start}): {text[:40]!r}") from None
 
 
 class LlavaJpProcessor(ProcessorMixin):
@@ -96,6 +168,9 @@ class LlavaJpProcessor(ProcessorMixin):
         fill = tuple(int(round(255 * m)) for m in self.image_processor.image_mean)
         for image in images:
             image = load_image(image)
+            if max(image.size) > MAX_PREPROCESS_SIDE:
+                image = image.copy()
+                image.thumbnail((MAX_PREPROCESS_SIDE, MAX_PREPROCESS_SIDE), Image.Resampling.BICUBIC)
             if self.pad_to_square:
                 image = expand_to_square(image, fill)
             prepared.append(image)
@@ -131,7 +206,12 @@ class LlavaJpProcessor(ProcessorMixin):
         template = get_template(self.template)
         segments = template.segments(messages, add_generation_prompt=add_generation_prompt)
         texts = [seg.text for seg in segments if seg.kind != "image"]
-        encoded = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        for text in texts:
+            _check_encodable(text)
+        # special-token strings typed in the text ("<EOD|LLM-jp>", "<s>") stay text: a user
+        # cannot end a turn or forge a conversation by typing them
+        encoded = iter(self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                       if texts else [])
         eos = self.tokenizer.eos_token_id
         if template.append_end_token and eos is None:
             raise ValueError(f"template {template.name!r} needs an end token but the tokenizer has no eos_token")

@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     model.save_pretrained(base)
     processor.save_pretrained(base)
     common = dict(model=str(base), image_folder=str(data["images"]), per_device_batch_size=args.batch_size,
-                  seed=args.seed, logging_steps=20, save_steps=10**9, warmup_ratio=0.05, max_length=256)
+                  seed=args.seed, logging_steps=20, save_steps=10**9, warmup_ratio=0.05, max_length=256,
+                  overwrite_output_dir=True)  # a rerun replaces the previous quickstart
     train(TrainConfig(**common, stage=1, template="plain", data_path=str(data["stage1"]),
                       output_dir=str(out / "stage1"), max_steps=args.stage1_steps, learning_rate=1e-3))
     stage2_budget = args.time_budget - (time.perf_counter() - started) - EVAL_RESERVE_S

@@ -46,6 +46,8 @@ def _main() -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     release, image_path, question, max_new_tokens, out = sys.argv[1:6]
+    # Deliberate, and the only trust_remote_code in the package (tests/reliability/test_loading_safety.py):
+    # RELEASE is the folder `llava-jp release` has just generated from this package's own source.
     model = AutoModelForImageTextToText.from_pretrained(release, trust_remote_code=True, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(release, trust_remote_code=True)
     save_file(probe(model, processor, image_path, question, int(max_new_tokens)), out)

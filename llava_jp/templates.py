@@ -186,3 +186,42 @@ def plain_caption_messages(messages: list[dict]) -> list[dict]:
         {"role": "user", "content": IMAGE_MARKER},
         {"role": "assistant", "content": messages[1]["content"] + "\n"},
     ]
+
+
+# why a LLaVA-format conversation cannot train (`conversation_issues`), as counted by the trainer
+CONVERSATION_FAULTS = ("malformed_sample", "empty_turn", "bad_role", "bad_turn_order", "image_tag_mismatch")
+
+
+def conversation_issues(raw, n_images: int) -> list[tuple[str, str]]:
+    """Every reason the trainer rejects a LLaVA-format conversation, as `(code, detail)` pairs
+    (codes: `CONVERSATION_FAULTS`). `n_images` is how many images the sample has (0 or 1).
+
+    Turns must alternate user/assistant starting with the user, hold non-empty text (a user
+    turn may be just `<image>`), and have one `<image>` per image, in user turns only. A
+    trailing user turn is allowed (the trainer drops it). `data_ja` shares this definition.
+    """
+    if not isinstance(raw, list) or not raw:
+        return [("malformed_sample", "missing or empty 'conversations'")]
+    texts = [t.get("value", t.get("content")) if isinstance(t, dict) else None for t in raw]
+    if not all(isinstance(t, str) for t in texts):
+        return [("malformed_sample", "every turn needs a string 'value'")]
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return [("malformed_sample", f"turn {i} is not valid Unicode (a lone surrogate)")]
+    issues = [("empty_turn", f"turn {i} is empty") for i, text in enumerate(texts) if not text.strip()]
+    try:
+        roles = [m["role"] for m in normalize_conversation(raw)]
+    except ValueError as err:
+        return issues + [("bad_role", str(err))]
+    alternating = ["user", "assistant"] * (len(roles) // 2 + 1)
+    if roles != alternating[:len(roles)] or "assistant" not in roles:
+        issues.append(("bad_turn_order", "roles must alternate user/assistant, starting with "
+                       f"user, with at least one answer: {roles}"))
+    user_tags = sum(t.count(IMAGE_MARKER) for t, r in zip(texts, roles) if r == "user")
+    answer_tags = sum(t.count(IMAGE_MARKER) for t, r in zip(texts, roles) if r != "user")
+    if user_tags != n_images or answer_tags:
+        issues.append(("image_tag_mismatch", f"{n_images} image(s) but {user_tags} {IMAGE_MARKER} "
+                       f"in user turns and {answer_tags} in answers"))
+    return issues

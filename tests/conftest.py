@@ -1,7 +1,10 @@
+import json
+
 import pytest
 import torch
 
 from llava_jp.builder import build
+from llava_jp.synthetic import write_dataset
 
 
 @pytest.fixture()
@@ -29,3 +32,21 @@ def hf_modules_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf_modules")))
         yield
+
+
+@pytest.fixture(scope="session")
+def train_workspace(tmp_path_factory):
+    """A saved tiny base model and a small synthetic dataset with some text-only samples."""
+    root = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    model, processor = build("tiny", pretrained=False)
+    model.save_pretrained(root / "base")
+    processor.save_pretrained(root / "base")
+    paths = write_dataset(root / "data", n_train=48, n_test=0, seed=0)
+    rows = json.loads(paths["stage2"].read_text(encoding="utf-8"))
+    rows += [{"id": f"t{i}", "conversations": [{"from": "ユーザー", "value": "こんにちは"},
+                                               {"from": "システム", "value": "こんにちは！" * (i % 3 + 1)}]}
+             for i in range(16)]
+    (root / "data" / "mixed.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return {"root": root, "base": root / "base", "images": paths["images"], "stage1": paths["stage1"],
+            "stage2": paths["stage2"], "mixed": root / "data" / "mixed.json"}

@@ -49,3 +49,63 @@ def write_preset(path: Path, **overrides) -> Path:
             data[key] = value
     path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     return path
+
+
+def losses_by_step(out_dir) -> dict[int, float]:
+    """Loss per step from a run's log.jsonl; a resumed run's repeat of a step replaces it."""
+    import json
+
+    records = [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def save_sensitive_tiny_model(path: Path) -> Path:
+    """Save a tiny model whose answers depend clearly on the image, the question and the history.
+
+    At the default init (std 0.02) a random LM answers almost the same whatever it is asked,
+    which would let a mix-up between chat sessions go unnoticed; std 0.2 weights give every
+    conversation its own answers (the demo tests assert it).
+    """
+    import torch
+
+    from llava_jp.builder import build
+
+    torch.manual_seed(0)
+    model, processor = build("tiny", pretrained=False)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() >= 2:
+                weight.normal_(0, 0.2)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def chat_text(content) -> str:
+    """A chat message's text, whether Gradio sent a string or a list of parts."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content)
+
+
+def chat_pairs(chat) -> list[tuple[str, str]]:
+    """A Gradio chat as (user turn, assistant turn) pairs, each "role:text"."""
+    return [(chat[i]["role"] + ":" + chat_text(chat[i]["content"]),
+             chat[i + 1]["role"] + ":" + chat_text(chat[i + 1]["content"])) for i in range(0, len(chat), 2)]
+
+
+def supervised_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
+    """The supervised spans of a sample (consecutive labels that are not ignored), each checked
+    to equal the input ids at those positions."""
+    from llava_jp.modeling import IGNORE_INDEX
+
+    runs, current = [], []
+    for i, label in zip(ids, labels):
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            assert label == i
+            current.append(i)
+    return runs + ([current] if current else [])

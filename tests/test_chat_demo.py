@@ -7,11 +7,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from PIL import Image
 
-from llava_jp.builder import build
 from llava_jp.chat import ChatSession, GenerationSettings, load_model
+
+from .helpers import chat_pairs as _pairs
+from .helpers import save_sensitive_tiny_model
 
 gr = pytest.importorskip("gradio", reason="the demo tests need the [demo] extra (gradio)")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -23,36 +24,10 @@ SLIDERS = (SETTINGS.temperature, SETTINGS.top_p, SETTINGS.max_new_tokens, SETTIN
 COLOURS = [(255, 0, 0), (0, 0, 255), (0, 160, 0), (255, 255, 0), (128, 0, 128), (0, 200, 200), (90, 90, 90), (255, 140, 0)]
 
 
-def _text(content) -> str:
-    """A chat message's text, whether Gradio sent a string or a list of parts."""
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content)
-
-
-def _pairs(chat) -> list[tuple[str, str]]:
-    return [(chat[i]["role"] + ":" + _text(chat[i]["content"]), chat[i + 1]["role"] + ":" + _text(chat[i + 1]["content"]))
-            for i in range(0, len(chat), 2)]
-
-
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory):
-    """A tiny model whose answers depend clearly on the image, the question and the history.
-
-    At the default init (std 0.02) a random LM answers almost the same whatever it is asked,
-    which would let a mix-up between sessions go unnoticed; std 0.2 weights make every
-    conversation below get its own answers (asserted in the tests).
-    """
-    torch.manual_seed(0)
-    model, processor = build("tiny", pretrained=False)
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.dim() >= 2:
-                weight.normal_(0, 0.2)
-    path = tmp_path_factory.mktemp("sensitive_tiny")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return load_model(str(path), device="cpu")
+    """A tiny model whose answers depend clearly on the image, the question and the history."""
+    return load_model(str(save_sensitive_tiny_model(tmp_path_factory.mktemp("sensitive_tiny"))), device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jinja2 import Template as Jinja
 
-from llava_jp.builder import build_processor, build_config, load_preset
-from llava_jp.modeling import IGNORE_INDEX
+from llava_jp.builder import build_config, build_processor, load_preset
 from llava_jp.processing import LlavaJpProcessor
 from llava_jp.templates import LLM_JP_V1_SYSTEM, get_template, normalize_conversation
 from llava_jp.tokenizer import build_char_tokenizer
 
 from .helpers import byte_bpe_tokenizer
+from .helpers import supervised_runs as _supervised_runs
 
 EOS = "<EOD|LLM-jp>"
 
@@ -89,19 +89,6 @@ def conversations(draw):
             question = "<image>\n" + question if draw(st.booleans()) else question + "\n<image>"
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": draw(text)}]
     return messages
-
-
-def _supervised_runs(ids, labels):
-    runs, current = [], []
-    for i, l in zip(ids, labels):
-        if l == IGNORE_INDEX:
-            if current:
-                runs.append(current)
-            current = []
-        else:
-            assert l == i
-            current.append(i)
-    return runs + ([current] if current else [])
 
 
 @pytest.mark.parametrize("tok_name", list(TOKENIZERS))

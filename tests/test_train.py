@@ -12,8 +12,6 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from llava_jp import LlavaJpForConditionalGeneration
-from llava_jp.builder import build
-from llava_jp.synthetic import write_dataset
 from llava_jp.train import checkpoint as ckpt
 from llava_jp.train.config import load_config
 from llava_jp.train.data import encode_dataset, grouped_batches, load_records
@@ -21,21 +19,8 @@ from llava_jp.train.loop import build_optimizer, setup_model, train
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A saved tiny base model and a small synthetic dataset with some text-only samples."""
-    root = tmp_path_factory.mktemp("train")
-    torch.manual_seed(0)
-    model, processor = build("tiny", pretrained=False)
-    model.save_pretrained(root / "base")
-    processor.save_pretrained(root / "base")
-    paths = write_dataset(root / "data", n_train=48, n_test=0, seed=0)
-    rows = json.loads(paths["stage2"].read_text(encoding="utf-8"))
-    rows += [{"id": f"t{i}", "conversations": [{"from": "ユーザー", "value": "こんにちは"},
-                                               {"from": "システム", "value": "こんにちは！" * (i % 3 + 1)}]}
-             for i in range(16)]
-    (root / "data" / "mixed.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-    return {"root": root, "base": root / "base", "images": paths["images"], "stage1": paths["stage1"],
-            "stage2": paths["stage2"], "mixed": root / "data" / "mixed.json"}
+def workspace(train_workspace):
+    return train_workspace
 
 
 def _cfg(ws, out, **kw):
@@ -164,7 +149,7 @@ def test_bad_conversations_are_counted_or_fail_fast(workspace, tmp_path):
     path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     processor = setup_model(_cfg(workspace, "unused", max_steps=1))[1]
     dataset, report = encode_dataset(*load_records(str(path)), processor, 256)
-    assert report.dropped == {"bad_conversation": 2} and report.kept == 4
+    assert report.dropped == {"bad_role": 1, "image_tag_mismatch": 1} and report.kept == 4
     with pytest.raises(ValueError, match="bad-role"):
         encode_dataset(*load_records(str(path)), processor, 256, strict=True)
 

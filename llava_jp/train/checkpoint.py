@@ -1,9 +1,12 @@
 """Atomic checkpoints that hold only what trains, plus the state to resume exactly.
 
 A checkpoint is written into `checkpoint-N.tmp/`, every file is flushed to disk, and only
-then is the directory renamed to `checkpoint-N/` (a rename is atomic). A run killed mid-save
-leaves a `.tmp` directory that is never mistaken for a checkpoint; older checkpoints are
-removed only after the new one is complete.
+then is the directory renamed to `checkpoint-N/` (a rename is atomic). `state.json`, written
+last, lists every file with its size. A run killed mid-save leaves a `.tmp` directory that is
+never mistaken for a checkpoint; old checkpoints are renamed to `.old` before they are deleted,
+so a kill while pruning never leaves a half-deleted `checkpoint-N/`; leftovers of both are
+removed at the next save or resume (`remove_stale`). A failed write (a full disk) removes
+the partial directory and raises `CheckpointError`; the previous checkpoints are untouched.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ from safetensors.torch import load_file, save_file
 
 STATE_FILE = "state.json"
 _NAME = re.compile(r"checkpoint-(\d+)")
+_LEFTOVER = re.compile(r"checkpoint-\d+\.(tmp|old)")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or the final model could not be written; the message says what is intact."""
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -41,34 +49,60 @@ def _fsync_tree(path: Path) -> None:
     _fsync_dir(path)
 
 
+def _discard(path: Path) -> None:
+    """Delete a directory so that no half-deleted copy keeps its name: rename, then remove."""
+    doomed = path.with_name(path.name + ".old")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_stale(output_dir: Path) -> list[str]:
+    """Remove what killed or failed saves left behind: `checkpoint-N.tmp/`, `checkpoint-N.old/`,
+    and `checkpoint-N/` directories that are not complete. Returns the names removed."""
+    removed = []
+    if not output_dir.is_dir():
+        return removed
+    for path in sorted(output_dir.iterdir()):
+        if path.is_dir() and (_LEFTOVER.fullmatch(path.name) or (_NAME.fullmatch(path.name) and not is_complete(path))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
     """Write checkpoint-`step` atomically, then prune to the newest `keep` complete ones."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    remove_stale(output_dir)
     try:
+        tmp.mkdir(parents=True)
         save_file(trainable_state_dict(model), tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
-        files = sorted(p.name for p in tmp.iterdir())
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "files": files}), encoding="utf-8")
         _fsync_tree(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
         _fsync_dir(output_dir)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        intact = complete_checkpoints(output_dir)
+        kept = f"the newest complete checkpoint, {intact[-1]}, is intact" if intact else "there is no earlier checkpoint"
+        raise CheckpointError(f"could not write {final} ({err}); {kept}. Free space and rerun with --resume.") from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in complete_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
 
 
 def is_complete(path: Path) -> bool:
-    """A checkpoint directory whose state file lists files that are all present."""
+    """A checkpoint directory whose state file lists files that are all present, at their sizes."""
     state_file = path / STATE_FILE
     if not _NAME.fullmatch(path.name) or not state_file.is_file():
         return False
@@ -76,7 +110,12 @@ def is_complete(path: Path) -> bool:
         state = json.loads(state_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
-    return all((path / name).is_file() for name in state.get("files", [None]))
+    files = state.get("files") if isinstance(state, dict) else None
+    if isinstance(files, list):  # written before sizes were recorded
+        return bool(files) and all((path / name).is_file() for name in files)
+    if not isinstance(files, dict) or not files:
+        return False
+    return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in files.items())
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:

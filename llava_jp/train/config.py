@@ -55,6 +55,7 @@ class TrainConfig:
     save_total_limit: int = 2
     report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb
     time_budget_s: float | None = None  # stop (and save) once this much wall time has passed
+    overwrite_output_dir: bool = False  # a fresh run over an earlier run's checkpoints deletes them
 
     def validate(self) -> None:
         """Check the fields once, with errors that name the field."""

@@ -16,17 +16,29 @@ from pathlib import Path
 
 import datasets
 import torch
+from PIL import Image
 
 from ..feature_cache import FeatureCache
 from ..modeling import IGNORE_INDEX
-from ..processing import LlavaJpProcessor, load_image
-from ..templates import IMAGE_MARKER, get_template, normalize_conversation, plain_caption_messages
+from ..processing import ImageLoadError, LlavaJpProcessor, load_image
+from ..templates import (
+    conversation_issues,
+    get_template,
+    normalize_conversation,
+    plain_caption_messages,
+)
 
 logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
     """A sample that cannot be trained on; the message names the sample."""
+
+
+# samples too long for max_length (found at tokenization, like `CONVERSATION_FAULTS`)
+LENGTH_FAULTS = ("image_cut_by_max_length", "no_complete_answer_within_max_length")
+# part of the tokenization cache key: bump it when `encode_record`'s rules change
+ENCODING_VERSION = 2
 
 
 def load_records(data_path: str) -> tuple[datasets.Dataset, str]:
@@ -42,11 +54,16 @@ def load_records(data_path: str) -> tuple[datasets.Dataset, str]:
             rows = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(rows, list):
             raise DataError(f"{data_path}: expected a JSON list of samples")
+        rows = [r if isinstance(r, dict) else {} for r in rows]
+        images = [r.get("image") for r in rows]
         # conversations are kept as JSON text: Arrow needs one schema, LLaVA rows vary
         return datasets.Dataset.from_dict({
-            "id": [str(r.get("id", i)) if isinstance(r, dict) else str(i) for i, r in enumerate(rows)],
-            "image": [r.get("image") if isinstance(r, dict) else None for r in rows],
-            "conversations": [json.dumps(r.get("conversations") if isinstance(r, dict) else None, ensure_ascii=False) for r in rows],
+            "id": [_storable(str(r.get("id", i))) for i, r in enumerate(rows)],
+            "image": [_storable(im) if isinstance(im, str) else None for im in images],
+            "image_error": ["" if im is None or isinstance(im, str) else f"'image' must be one path, got {im!r:.80}"
+                            for im in images],
+            "conversations": [_storable(json.dumps(r.get("conversations"), ensure_ascii=False), json.dumps(r.get("conversations")))
+                              for r in rows],
         }), _file_fingerprint(path)
     if path.is_dir():
         ds = datasets.load_from_disk(str(path))
@@ -56,6 +73,16 @@ def load_records(data_path: str) -> tuple[datasets.Dataset, str]:
     return ds.map(lambda r: {"conversations": json.dumps(r["conversations"], ensure_ascii=False)}), fingerprint
 
 
+def _storable(text: str, fallback: str | None = None) -> str:
+    """`text` if Arrow can store it, else `fallback` (or `text` with backslash escapes): JSON
+    escapes such as "\\ud800" decode to lone surrogates, which are not UTF-8."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return fallback if fallback is not None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _file_fingerprint(path: Path) -> str:
     stat = path.stat()
     return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -63,41 +90,55 @@ def _file_fingerprint(path: Path) -> str:
 
 @dataclass
 class DataReport:
-    """What happened to every sample: kept, truncated, or dropped by reason."""
+    """What happened to every sample: kept, truncated, or dropped by reason at tokenization;
+    then, while training, skipped by reason (image faults, found when a batch is built: counted
+    each time the sample comes up, i.e. once per epoch) and how many samples were trained on."""
 
     total: int = 0
     kept: int = 0
     truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+    trained: int = 0
 
     def as_dict(self) -> dict:
-        return {"total": self.total, "kept": self.kept, "truncated": self.truncated, "dropped": dict(self.dropped)}
+        return {"total": self.total, "kept": self.kept, "truncated": self.truncated, "dropped": dict(self.dropped),
+                "skipped_in_training": dict(self.skipped), "trained_samples": self.trained}
 
 
 def encode_record(record: dict, processor: LlavaJpProcessor, max_length: int, plain: bool) -> dict:
-    """One record -> input_ids, labels, length, image, status ("ok", "truncated" or a drop reason)."""
+    """One record -> input_ids, labels, length, image, status ("ok", "truncated" or a drop reason:
+    one of `CONVERSATION_FAULTS` or `LENGTH_FAULTS`)."""
     out = {"input_ids": [], "labels": [], "length": 0, "status": "ok", "error": ""}
+    if record.get("image_error"):
+        out.update(status="malformed_sample", error=f"sample {record['id']!r}: malformed_sample: {record['image_error']}")
+        return out
     try:
         raw = json.loads(record["conversations"])
+        issues = conversation_issues(raw, 1 if record.get("image") else 0)
+        if issues:
+            code, detail = issues[0]
+            out.update(status=code, error=f"sample {record['id']!r}: {code}: {detail}")
+            return out
         messages = normalize_conversation(raw, sample_id=record["id"])
         if plain:
+            if not record.get("image"):
+                out.update(status="image_tag_mismatch",
+                           error=f"sample {record['id']!r}: image_tag_mismatch: no image, but a stage-1 (plain) sample captions one")
+                return out
             messages = plain_caption_messages(messages)
-        markers = sum(m["content"].count(IMAGE_MARKER) for m in messages if m["role"] == "user")
-        has_image = bool(record.get("image"))
-        if markers != int(has_image):
-            raise DataError(f"sample {record['id']!r}: {markers} <image> markers but "
-                            f"{'an image' if has_image else 'no image'}")
         if messages[-1]["role"] != "assistant":
             messages = messages[:-1]
         encoded = processor.encode_conversation(messages)
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
-        out.update(status="bad_conversation", error=str(err))
+    except (ValueError, KeyError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+        out.update(status="malformed_sample", error=f"sample {record['id']!r}: malformed_sample: {err}")
         return out
     ids, labels = encoded["input_ids"], encoded["labels"]
     if len(ids) > max_length:
         ids, labels, status = _truncate(ids, labels, max_length, processor.image_token_id)
         if status != "truncated":
-            out.update(status=status, error=f"sample {record['id']!r}: {len(encoded['input_ids'])} tokens > max_length {max_length}")
+            out.update(status=status, error=f"sample {record['id']!r}: {status}: "
+                                            f"{len(encoded['input_ids'])} tokens > max_length {max_length}")
             return out
         out["status"] = "truncated"
     out.update(input_ids=ids, labels=labels, length=len(ids))
@@ -129,7 +170,7 @@ def encode_dataset(records: datasets.Dataset, source_fingerprint: str, processor
     get_template(processor.template)
     vocab = processor.tokenizer.get_vocab()
     key = hashlib.sha256(json.dumps([
-        source_fingerprint, processor.template, processor.num_image_tokens, processor.image_token_id,
+        ENCODING_VERSION, source_fingerprint, processor.template, processor.num_image_tokens, processor.image_token_id,
         max_length, sorted(vocab.items()), processor.tokenizer.eos_token_id, processor._special_prefix(),
     ]).encode()).hexdigest()[:16]
     cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "llava_jp_tokenized"
@@ -180,28 +221,52 @@ def grouped_batches(lengths: list[int], has_image: list[bool], batch_size: int, 
 
 class Collator:
     """Indices -> a padded training batch with pixel values for the samples that have images
-    (or, with a `feature_cache`, their cached vision features as `image_features`)."""
+    (or, with a `feature_cache`, their cached vision features as `image_features`).
+
+    Images are opened here, lazily. A sample whose image cannot be used is left out of the
+    batch and reported in `batch["faults"]` as `(sample id, reason, message)` (a batch also
+    travels back from DataLoader workers, where counters would be lost); with `strict`, it
+    raises `DataError` naming the sample. When every sample of a batch is bad, the batch holds
+    one fully masked row (no supervised tokens, a blank image): every process still runs its
+    forward and backward pass, so DDP stays in step, and the gradient is zero.
+    """
 
     def __init__(self, dataset: datasets.Dataset, processor: LlavaJpProcessor, image_folder: str,
-                 feature_cache: FeatureCache | None = None):
+                 strict: bool = False, feature_cache: FeatureCache | None = None):
         self.dataset = dataset
         self.processor = processor
         self.image_folder = Path(image_folder) if image_folder else None
+        self.strict = strict
         self.feature_cache = feature_cache
 
     def image_path(self, relative: str) -> Path:
         return self.image_folder / relative if self.image_folder else Path(relative)
 
-    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def __call__(self, indices: list[int]) -> dict:
         rows = self.dataset.select(indices)
-        features = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+        features, pixels, faults = [], [], []
+        cached_images = []
+        for r in rows:
+            if r["image"] and self.feature_cache is not None:
+                cached_images.append(r["image"])
+            elif r["image"]:
+                try:
+                    pixels.append(self.processor.preprocess_images([load_image(self.image_path(r["image"]))]))
+                except ImageLoadError as err:
+                    if self.strict:
+                        raise DataError(f"sample {r['id']!r}: {err.reason}: {err}") from err
+                    faults.append((r["id"], err.reason, str(err)))
+                    continue
+            features.append({"input_ids": r["input_ids"], "labels": r["labels"]})
+        if not features:
+            first = rows[0]
+            features = [{"input_ids": first["input_ids"], "labels": [IGNORE_INDEX] * len(first["labels"])}]
+            if first["image"]:
+                pixels = [self.processor.preprocess_images([Image.new("RGB", (8, 8))])]
         batch = self.processor.pad(features, padding_side="right")
-        if self.feature_cache is not None:
-            names = [r["image"] for r in rows if r["image"]]
-            if names:
-                batch["image_features"] = self.feature_cache.load(names)
-            return batch
-        images = [load_image(self.image_path(r["image"])) for r in rows if r["image"]]
-        if images:
-            batch["pixel_values"] = self.processor.preprocess_images(images)
+        if cached_images:
+            batch["image_features"] = self.feature_cache.load(cached_images)
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
+        batch["faults"] = faults
         return batch

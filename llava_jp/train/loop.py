@@ -13,7 +13,9 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -28,9 +30,10 @@ from transformers import get_scheduler
 from .. import LlavaJpForConditionalGeneration, LlavaJpProcessor, feature_cache
 from ..builder import build
 from ..modeling import IGNORE_INDEX
+from ..processing import IMAGE_FAULTS
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config
-from .data import Collator, encode_dataset, grouped_batches, load_records
+from .data import Collator, DataError, encode_dataset, grouped_batches, load_records
 
 logger = logging.getLogger(__name__)
 PROJECTOR_FILE = "projector.safetensors"
@@ -95,30 +98,46 @@ def build_optimizer(model: LlavaJpForConditionalGeneration, cfg: TrainConfig) ->
 
 
 # -- saving --------------------------------------------------------------------------------
-def _atomic_dir(final: Path, write) -> None:
+def _atomic_write(final: Path, write) -> None:
+    """`write(tmp)`, then rename tmp to `final`; a failed write leaves `final` as it was."""
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        write(tmp)
+        if final.is_dir():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as err:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        intact = ckpt.complete_checkpoints(final.parent)
+        kept = f"the newest complete checkpoint is {intact[-1]}" if intact else "there is no checkpoint"
+        raise ckpt.CheckpointError(f"could not write {final} ({err}); {kept}. Free space and rerun with --resume "
+                                   "(it redoes the steps after that checkpoint).") from err
 
 
 def save_result(model, processor, cfg: TrainConfig) -> Path:
     """Stage 1: only the projector (safetensors). Stage 2: a full `from_pretrained` directory."""
     out = Path(cfg.output_dir)
     if cfg.stage == 1:
-        tmp = out / (PROJECTOR_FILE + ".tmp")
-        save_file({k: v.contiguous() for k, v in model.multi_modal_projector.state_dict().items()}, tmp)
-        os.replace(tmp, out / PROJECTOR_FILE)
+        weights = {k: v.contiguous() for k, v in model.multi_modal_projector.state_dict().items()}
+        _atomic_write(out / PROJECTOR_FILE, lambda tmp: save_file(weights, tmp))
         return out / PROJECTOR_FILE
 
     def write(path: Path) -> None:
         model.save_pretrained(path)
         processor.save_pretrained(path)
 
-    _atomic_dir(out / MODEL_SUBDIR, write)
+    _atomic_write(out / MODEL_SUBDIR, write)
     return out / MODEL_SUBDIR
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 # -- loop ----------------------------------------------------------------------------------
@@ -142,6 +161,68 @@ def _supervised_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+class _Tally:
+    """What happened to samples while training, summed over processes and carried across
+    resumes in the checkpoints: samples trained on, image faults by reason, and optimizer
+    updates skipped because a whole global batch had no supervised token."""
+
+    KEYS = ("trained_samples", "updates_skipped", *IMAGE_FAULTS)
+
+    def __init__(self, accelerator: Accelerator, saved: dict | None = None):
+        self.accelerator = accelerator
+        self.saved = torch.tensor([int((saved or {}).get(k, 0)) for k in self.KEYS])
+        self.local = torch.zeros(len(self.KEYS), dtype=torch.long)
+
+    def add(self, key: str, n: int = 1) -> None:
+        self.local[self.KEYS.index(key)] += n
+
+    def totals(self) -> dict[str, int]:
+        """Counts over all processes so far (a collective: every process must call it)."""
+        summed = self.accelerator.reduce(self.local.to(self.accelerator.device), "sum").cpu() + self.saved
+        return dict(zip(self.KEYS, summed.tolist()))
+
+
+def _prepare_output_dir(out: Path, resume: bool, overwrite: bool, accelerator: Accelerator) -> None:
+    """Clear leftovers of killed saves; refuse a fresh run over an earlier run's checkpoints
+    (a later --resume would continue the wrong run) unless `overwrite_output_dir`."""
+    earlier = ckpt.complete_checkpoints(out)
+    if earlier and not resume and not overwrite:
+        raise ckpt.CheckpointError(
+            f"{out} holds checkpoints of an earlier run ({earlier[-1].name}): pass --resume to continue it, "
+            "--overwrite_output_dir true to start over (deletes them), or use another --output_dir")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if earlier and not resume:
+            for path in earlier:
+                shutil.rmtree(path)
+            (out / "log.jsonl").unlink(missing_ok=True)
+        removed = ckpt.remove_stale(out)
+        if removed:
+            logger.warning("removed leftovers of an interrupted save: %s", ", ".join(removed))
+    accelerator.wait_for_everyone()
+
+
+def _resume(out: Path, model, optimizer, scheduler, accelerator: Accelerator) -> dict | None:
+    """Load the newest complete checkpoint that loads; a damaged one is skipped with a warning.
+    None when there is no checkpoint; an error when there are some but none loads."""
+    found = ckpt.complete_checkpoints(out)
+    errors = []
+    for path in reversed(found):
+        try:
+            state = ckpt.load_checkpoint(path, model, optimizer, scheduler)
+        except Exception as err:  # noqa: BLE001 -- damaged files raise whatever their reader raises
+            reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+            errors.append(f"{path.name}: {reason}")
+            logger.warning("could not load %s (%s); trying the one before", path, reason)
+            continue
+        accelerator.print(f"resumed from {path} at step {state['step']}")
+        return state
+    if found:
+        raise ckpt.CheckpointError(f"--resume: no checkpoint in {out} could be loaded: {'; '.join(errors)}")
+    accelerator.print(f"--resume: no complete checkpoint in {out}, starting fresh")
+    return None
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run one training stage; returns a summary (also written to output_dir/summary.json)."""
     out = Path(cfg.output_dir)
@@ -154,6 +235,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         project_dir=str(out),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=with_text_only)],
     )
+    _prepare_output_dir(out, resume, cfg.overwrite_output_dir, accelerator)
     set_seed(cfg.seed)
     with accelerator.main_process_first():
         dataset, report = encode_dataset(*load_records(cfg.data_path), processor, cfg.max_length, cfg.strict_data)
@@ -173,21 +255,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                               num_training_steps=total_steps)
     unwrapped = accelerator.unwrap_model(model)
 
-    start_step = 0
-    if resume:
-        found = ckpt.complete_checkpoints(out)
-        if found:
-            state = ckpt.load_checkpoint(found[-1], unwrapped, optimizer, scheduler)
-            start_step = state["step"]
-            accelerator.print(f"resumed from {found[-1]} at step {start_step}")
-        else:
-            accelerator.print(f"--resume: no complete checkpoint in {out}, starting fresh")
+    state = _resume(out, unwrapped, optimizer, scheduler, accelerator) if resume else None
+    start_step = state["step"] if state else 0
+    tally = _Tally(accelerator, state.get("data") if state else None)
     if cfg.report_to:
         accelerator.init_trackers("llava-jp", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))})
 
     accum = cfg.gradient_accumulation_steps
     my_batches = [b[rank::world] for b in batches[start_step * accum: total_steps * accum]]
-    loader = DataLoader(my_batches, batch_size=None, shuffle=False, collate_fn=Collator(dataset, processor, cfg.image_folder, cache),
+    collator = Collator(dataset, processor, cfg.image_folder, strict=cfg.strict_data, feature_cache=cache)
+    loader = DataLoader(my_batches, batch_size=None, shuffle=False, collate_fn=collator,
                         num_workers=cfg.dataloader_num_workers,
                         # its own generator: creating the iterator must not draw from the global
                         # RNG, or a resumed run's dropout masks would differ from the original's
@@ -205,63 +282,82 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     while step < total_steps:
         t_data = time.perf_counter()
         micro = [next(batch_iter) for _ in range(accum)]
+        for batch in micro:
+            for sample_id, reason, message in batch.pop("faults"):
+                logger.warning("skipped sample %r (%s): %s", sample_id, reason, message)
+                tally.add(reason)
+            if _supervised_tokens(batch):
+                tally.add("trained_samples", batch["input_ids"].shape[0])
         t_compute = time.perf_counter()
-        n_global = accelerator.reduce(torch.tensor(sum(_supervised_tokens(b) for b in micro), device=accelerator.device), "sum")
-        n_global = max(int(n_global), 1)
+        n_global = int(accelerator.reduce(torch.tensor(sum(_supervised_tokens(b) for b in micro), device=accelerator.device), "sum"))
         loss_sum = torch.zeros((), device=accelerator.device)
         for i, batch in enumerate(micro):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             sync = accelerator.no_sync(model) if i < accum - 1 else nullcontext()
             with sync, accelerator.autocast():
                 summed = model(**batch, loss_reduction="sum").loss
-            accelerator.backward(summed * world / n_global)
+            accelerator.backward(summed * world / max(n_global, 1))
             loss_sum += summed.detach().float()
             window["samples"] += batch["input_ids"].shape[0] * world
             window["tokens"] += int(batch["attention_mask"].sum()) * world
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        if n_global:
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            optimizer.step()
+        elif accelerator.is_main_process:  # every sample of the global batch was skipped: no data, no update
+            tally.add("updates_skipped")
+        with warnings.catch_warnings():  # after a skipped update torch warns that the order looks wrong
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        last_loss = float(accelerator.reduce(loss_sum, "sum")) / n_global
+        last_loss = float(accelerator.reduce(loss_sum, "sum")) / max(n_global, 1)
         window["data_s"] += t_compute - t_data
         window["compute_s"] += time.perf_counter() - t_compute
         progress.update(1)
         over_budget = cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s
         if step % cfg.logging_steps == 0 or step == total_steps or over_budget:
             elapsed = time.perf_counter() - window["t0"]
+            counts = tally.totals()
             record = {
                 "step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
                 "samples_per_s": window["samples"] / elapsed, "tokens_per_s": window["tokens"] / elapsed,
                 "data_s": window["data_s"], "compute_s": window["compute_s"],
                 "elapsed_s": time.perf_counter() - started,
+                "skipped_in_training": {k: v for k, v in counts.items() if k in IMAGE_FAULTS and v},
             }
             progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}",
                                  samples_s=f"{record['samples_per_s']:.1f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if accelerator.is_main_process:
                 with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            accelerator.log({k: v for k, v in record.items() if k not in ("step", "skipped_in_training")}, step=step)
             window = {"samples": 0, "tokens": 0, "data_s": 0.0, "compute_s": 0.0, "t0": time.perf_counter()}
         if (step % cfg.save_steps == 0 and step < total_steps) or over_budget:
+            counts = tally.totals()
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 ckpt.save_checkpoint(out, step, unwrapped, optimizer, scheduler,
-                                     {"total_steps": total_steps}, cfg.save_total_limit)
+                                     {"total_steps": total_steps, "data": counts}, cfg.save_total_limit)
         if over_budget and step < total_steps:
             accelerator.print(f"time budget of {cfg.time_budget_s:.0f} s reached at step {step}/{total_steps}")
             stopped_early = True
             break
     progress.close()
+    counts = tally.totals()
     accelerator.wait_for_everyone()
+    report.skipped.update({k: v for k, v in counts.items() if k in IMAGE_FAULTS and v})
+    report.trained = counts["trained_samples"]
+    if report.skipped:
+        logger.warning("data: skipped while training: %s", dict(report.skipped))
     summary = {
         "stage": cfg.stage, "steps": step, "total_steps": total_steps, "stopped_early": stopped_early,
         "final_loss": last_loss, "train_seconds": time.perf_counter() - started, "data": report.as_dict(),
+        "updates_skipped": counts["updates_skipped"],
     }
     if accelerator.is_main_process:
         summary["output"] = str(save_result(unwrapped, processor, cfg))
-        (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+        _write_json(out / "summary.json", summary)
     accelerator.end_training()
     return summary
 
@@ -275,6 +371,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, resume=args.resume)
+    try:
+        summary = train(cfg, resume=args.resume)
+    except (DataError, ckpt.CheckpointError) as err:  # a bad sample under strict_data, a full disk, ...
+        tqdm.write(f"error: {err}", file=sys.stderr)  # on its own line, under the progress bar
+        return 1
     print(json.dumps(summary, ensure_ascii=False))
     return 0
