@@ -10,6 +10,7 @@ Layout of a cache directory:
     CACHE_DIR/<fingerprint[:16]>/meta.json          what the features are (shape, dtype, fingerprint)
     CACHE_DIR/<fingerprint[:16]>/shard-00000.bin    (n, tokens, width) bf16, memory-mapped
     CACHE_DIR/<fingerprint[:16]>/shard-00000.json   its images: [path, file size, file mtime_ns] per row
+    CACHE_DIR/<fingerprint[:16]>/faults.json        images that could not be used: reason, message, stamp
 
 The fingerprint hashes everything the features depend on: the vision config, feature layer,
 S2 scales, image preprocessing and the tower's weights (rounded to bf16, the storage
@@ -17,7 +18,9 @@ precision). A different tower gets a different directory, so stale features cann
 image is looked up by its path relative to the image folder and is valid only while the file's
 size and modification time are unchanged (a later shard overrides an earlier one). A shard's
 `.bin` is written first and its `.json` last, each to a temporary name then renamed, so an
-interrupted run leaves only complete shards; re-running fills in the rest.
+interrupted run leaves only complete shards; re-running fills in the rest. An image that
+cannot be loaded is recorded with the trainer's fault reason, so training skips its sample as it
+would without the cache, until the file changes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +66,12 @@ def fingerprint(model, processor) -> str:
     return digest.hexdigest()
 
 
-def file_stamp(path: Path) -> list[int]:
-    """What identifies one version of an image file: its size and modification time."""
-    stat = path.stat()
+def file_stamp(path: Path) -> list[int] | None:
+    """What identifies one version of an image file: its size and modification time (None: no file)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
     return [stat.st_size, stat.st_mtime_ns]
 
 
@@ -101,6 +108,9 @@ class FeatureCache:
             for row, (image, *stamp) in enumerate(json.loads(listing.read_text(encoding="utf-8"))):
                 self.index[image] = [number, row, *stamp]
             self._shard_count = max(self._shard_count, number + 1)
+        faults_path = self.dir / "faults.json"
+        # image -> [reason, message, stamp]: not loadable as of that version of the file
+        self.faults: dict[str, list] = json.loads(faults_path.read_text(encoding="utf-8")) if faults_path.exists() else {}
         self._shards: dict[int, np.memmap] = {}
 
     @classmethod
@@ -114,10 +124,19 @@ class FeatureCache:
         folder = Path(image_folder) if image_folder else Path()
         out = []
         for image in dict.fromkeys(images):
-            entry = self.index.get(image)
-            if entry is None or entry[2:] != file_stamp(folder / image):
+            stamp = file_stamp(folder / image)
+            entry, fault = self.index.get(image), self.faults.get(image)
+            if not ((entry is not None and entry[2:] == stamp) or (fault is not None and fault[2] == stamp)):
                 out.append(image)
         return out
+
+    def check_usable(self, image: str) -> None:
+        """Raise the `ImageLoadError` recorded for an image that could not be loaded."""
+        from .processing import ImageLoadError
+
+        if image in self.faults:
+            reason, message, _ = self.faults[image]
+            raise ImageLoadError(reason, message)
 
     def _shard(self, number: int) -> np.memmap:
         if number not in self._shards:
@@ -151,29 +170,60 @@ class FeatureCache:
         for row, (image, *stamp) in enumerate(listing):
             self.index[image] = [number, row, *stamp]
         self._shard_count = number + 1
+        if any(image in self.faults for image in images):  # loadable again
+            self.record_faults({image: None for image in images})
+
+    def record_faults(self, faults: dict[str, list | None]) -> None:
+        """Set (or with None, clear) the fault recorded for each image: [reason, message, stamp]."""
+        for image, fault in faults.items():
+            if fault is None:
+                self.faults.pop(image, None)
+            else:
+                self.faults[image] = fault
+        _write_atomic(self.dir / "faults.json", json.dumps(self.faults, ensure_ascii=False).encode())
 
 
 def fill(cache: FeatureCache, model, processor, images: list[str], image_folder: str | Path | None,
-         batch_size: int = 16, shard_size: int = 256, progress: bool = False) -> int:
-    """Compute and store the features of every image that is missing or stale; returns how many."""
+         batch_size: int = 16, shard_size: int = 256, progress: bool = False) -> dict[str, int]:
+    """Compute and store the features of every image that is missing or stale.
+
+    Returns how many were computed and how many could not be loaded (recorded as faults).
+    """
     from tqdm.auto import tqdm
+
+    from .processing import ImageLoadError, load_image
 
     folder = Path(image_folder) if image_folder else Path()
     todo = cache.stale(images, image_folder)
     device = next(model.vision_tower.parameters()).device
+    counts = {"computed": 0, "faults": 0}
     bar = tqdm(total=len(todo), desc="caching features", disable=not progress)
     for start in range(0, len(todo), shard_size):
-        names = todo[start:start + shard_size]
-        stamps = [file_stamp(folder / n) for n in names]
+        names, stamps, pixels, faults = [], [], [], {}
+        for name in todo[start:start + shard_size]:
+            stamp = file_stamp(folder / name)  # before reading: a file changed meanwhile reads as stale later
+            try:
+                pixels.append(processor.preprocess_images([load_image(folder / name)]))
+            except ImageLoadError as err:
+                faults[name] = [err.reason, str(err), stamp]
+                continue
+            names.append(name)
+            stamps.append(stamp)
         chunks = []
         with torch.no_grad():
-            for i in range(0, len(names), batch_size):
-                pixels = processor.preprocess_images([folder / n for n in names[i:i + batch_size]])
-                chunks.append(model.encode_images(pixels.to(device)).to("cpu", STORAGE_DTYPE))
-                bar.update(len(chunks[-1]))
-        cache.add(names, torch.cat(chunks), stamps)
+            for i in range(0, len(pixels), batch_size):
+                batch = torch.cat(pixels[i:i + batch_size]).to(device)
+                chunks.append(model.encode_images(batch).to("cpu", STORAGE_DTYPE))
+                bar.update(len(batch))
+        if names:
+            cache.add(names, torch.cat(chunks), stamps)
+        if faults:
+            cache.record_faults(faults)
+            bar.update(len(faults))
+        counts["computed"] += len(names)
+        counts["faults"] += len(faults)
     bar.close()
-    return len(todo)
+    return counts
 
 
 def open_for_training(root: str | Path, model, processor, images: list[str], image_folder: str | Path | None) -> FeatureCache:
@@ -227,7 +277,8 @@ def run(args: argparse.Namespace) -> int:
     records, _ = load_records(args.data_path)
     images = [im for im in records["image"] if im]
     cache = FeatureCache.for_model(args.out, model, processor)
-    done = fill(cache, model, processor, images, args.image_folder, args.batch_size, args.shard_size, progress=True)
-    print(json.dumps({"cache": str(cache.dir), "images": len(set(images)), "computed": done,
-                      "reused": len(set(images)) - done}))
+    counts = fill(cache, model, processor, images, args.image_folder, args.batch_size, args.shard_size, progress=True)
+    print(json.dumps({"cache": str(cache.dir), "images": len(set(images)), **counts,
+                      "reused": len(set(images)) - counts["computed"] - counts["faults"],
+                      "faults_by_reason": dict(Counter(f[0] for f in cache.faults.values()))}, ensure_ascii=False))
     return 0

@@ -11,6 +11,7 @@ from llava_jp.cli import main
 from llava_jp.feature_cache import FeatureCache, fill, open_for_training
 from llava_jp.synthetic import write_dataset
 from llava_jp.train.config import load_config
+from llava_jp.train.data import Collator, encode_dataset, load_records
 from llava_jp.train.loop import train
 
 BF16_RTOL = 2e-2  # features are stored in bf16 (8 mantissa bits)
@@ -40,7 +41,7 @@ def test_cached_features_give_the_uncached_loss(workspace, tmp_path):
     model, processor = _load(workspace)
     names = _images(workspace)[:3]
     cache = FeatureCache.for_model(tmp_path, model, processor)
-    assert fill(cache, model, processor, names, workspace["images"], batch_size=2, shard_size=2) == 3
+    assert fill(cache, model, processor, names, workspace["images"], batch_size=2, shard_size=2)["computed"] == 3
     batch = processor(conversations=[[{"role": "user", "content": "<image>\n説明して"},
                                       {"role": "assistant", "content": "赤い丸です。"}]] * 3,
                       images=[workspace["images"] / n for n in names])
@@ -90,7 +91,7 @@ def test_a_changed_image_is_stale_and_only_it_is_recomputed(workspace, tmp_path)
         open_for_training(tmp_path / "cache", model, processor, names, folder)
     before = cache.load(names)
     reopened = FeatureCache.for_model(tmp_path / "cache", model, processor)
-    assert fill(reopened, model, processor, names, folder) == 1
+    assert fill(reopened, model, processor, names, folder) == {"computed": 1, "faults": 0}
     after = FeatureCache.for_model(tmp_path / "cache", model, processor).load(names)  # read back from disk
     assert torch.equal(after[[0, 2, 3]], before[[0, 2, 3]]) and not torch.equal(after[1], before[1])
     with torch.no_grad():
@@ -128,6 +129,36 @@ def test_an_interrupted_shard_is_ignored_and_rewritten(workspace, tmp_path):
     assert reopened.stale(names, workspace["images"]) == names[1:]
     fill(reopened, model, processor, names, workspace["images"])
     assert FeatureCache.for_model(tmp_path, model, processor).load(names).shape[0] == 3
+
+
+def test_an_unloadable_image_is_recorded_and_its_sample_skipped_like_without_the_cache(workspace, tmp_path):
+    model, processor = _load(workspace)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rows = json.loads(workspace["stage1"].read_text(encoding="utf-8"))[:4]
+    for r in rows:
+        (folder / r["image"]).write_bytes((workspace["images"] / r["image"]).read_bytes())
+    (folder / rows[1]["image"]).write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (folder / rows[2]["image"]).unlink()
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    names = [r["image"] for r in rows]
+    cache = FeatureCache.for_model(tmp_path / "cache", model, processor)
+    assert fill(cache, model, processor, names, folder) == {"computed": 2, "faults": 2}
+    assert cache.stale(names, folder) == []  # known bad, unchanged: nothing to recompute
+    cache = open_for_training(tmp_path / "cache", model, processor, names, folder)
+    processor.template = "plain"
+    dataset, _ = encode_dataset(*load_records(str(data)), processor, 256)
+    cached = Collator(dataset, processor, str(folder), feature_cache=cache)(list(range(4)))
+    uncached = Collator(dataset, processor, str(folder))(list(range(4)))
+    assert [f[:2] for f in cached["faults"]] == [f[:2] for f in uncached["faults"]]
+    assert {f[1] for f in cached["faults"]} == {"not_an_image", "missing_image"}
+    assert cached["image_features"].shape[0] == uncached["pixel_values"].shape[0] == 2
+    assert torch.equal(cached["input_ids"], uncached["input_ids"])
+    (folder / rows[2]["image"]).write_bytes((workspace["images"] / rows[2]["image"]).read_bytes())  # back again
+    assert cache.stale(names, folder) == [rows[2]["image"]]
+    assert fill(cache, model, processor, names, folder) == {"computed": 1, "faults": 0}
+    assert rows[2]["image"] not in FeatureCache.for_model(tmp_path / "cache", model, processor).faults
 
 
 def test_feature_cache_needs_a_frozen_tower():

@@ -247,11 +247,13 @@ class Collator:
         features, pixels, faults = [], [], []
         cached_images = []
         for r in rows:
-            if r["image"] and self.feature_cache is not None:
-                cached_images.append(r["image"])
-            elif r["image"]:
+            if r["image"]:
                 try:
-                    pixels.append(self.processor.preprocess_images([load_image(self.image_path(r["image"]))]))
+                    if self.feature_cache is not None:  # its faults are those `cache-features` met loading the file
+                        self.feature_cache.check_usable(r["image"])
+                        cached_images.append(r["image"])
+                    else:
+                        pixels.append(self.processor.preprocess_images([load_image(self.image_path(r["image"]))]))
                 except ImageLoadError as err:
                     if self.strict:
                         raise DataError(f"sample {r['id']!r}: {err.reason}: {err}") from err
