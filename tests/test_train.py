@@ -220,7 +220,8 @@ def test_two_process_ddp_matches_one_process_for_the_same_global_batch(workspace
     args = ["--model", str(workspace["base"]), "--data_path", str(workspace["mixed"]), "--image_folder",
             str(workspace["images"]), "--stage", "2", "--learning_rate", "1e-3", "--max_steps", "4",
             "--logging_steps", "1", "--warmup_ratio", "0", "--max_length", "256", "--seed", "5",
-            "--save_steps", "1000", "--gradient_accumulation_steps", "2"]
+            "--save_steps", "1000", "--gradient_accumulation_steps", "2",
+            "--time_budget_s", "3600"]  # the budget check is a collective under DDP: exercised, never reached
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "llava_jp.cli", "train", *args, "--per_device_batch_size", "8",
                     "--output_dir", str(tmp_path / "one")], check=True, env=env, capture_output=True)
@@ -232,3 +233,12 @@ def test_two_process_ddp_matches_one_process_for_the_same_global_batch(workspace
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == len(two) == 4
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5
+
+
+def test_time_budget_stops_with_a_checkpoint_that_resumes(workspace, tmp_path):
+    stopped = train(_cfg(workspace, tmp_path, stage=2, max_steps=4, time_budget_s=0.0))
+    assert stopped["stopped_early"] and stopped["steps"] == 1 and stopped["total_steps"] == 4
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["checkpoint-1"]
+    finished = train(_cfg(workspace, tmp_path, stage=2, max_steps=4), resume=True)
+    assert not finished["stopped_early"] and finished["steps"] == 4
+    assert [json.loads(l)["step"] for l in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -118,16 +118,21 @@ def _atomic_write(final: Path, write) -> None:
                                    "(it redoes the steps after that checkpoint).") from err
 
 
-def save_result(model, processor, cfg: TrainConfig) -> Path:
-    """Stage 1: only the projector (safetensors). Stage 2: a full `from_pretrained` directory."""
+def save_result(model, processor, cfg: TrainConfig, state_dict: dict | None = None) -> Path:
+    """Stage 1: only the projector (safetensors). Stage 2: a full `from_pretrained` directory.
+    `state_dict` is the full model's (from `accelerator.get_state_dict`, which gathers FSDP /
+    ZeRO-3 shards); without it the model's own tensors are saved."""
     out = Path(cfg.output_dir)
     if cfg.stage == 1:
-        weights = {k: v.contiguous() for k, v in model.multi_modal_projector.state_dict().items()}
+        prefix = "multi_modal_projector."
+        source = ({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)} if state_dict is not None
+                  else model.multi_modal_projector.state_dict())
+        weights = {k: v.contiguous() for k, v in source.items()}
         _atomic_write(out / PROJECTOR_FILE, lambda tmp: save_file(weights, tmp))
         return out / PROJECTOR_FILE
 
     def write(path: Path) -> None:
-        model.save_pretrained(path)
+        model.save_pretrained(path, state_dict=state_dict)
         processor.save_pretrained(path)
 
     _atomic_write(out / MODEL_SUBDIR, write)
@@ -223,6 +228,13 @@ def _resume(out: Path, model, optimizer, scheduler, accelerator: Accelerator) ->
     return None
 
 
+def _shards_parameters(accelerator: Accelerator) -> bool:
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    return plugin is not None and plugin.zero_stage == 3
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run one training stage; returns a summary (also written to output_dir/summary.json)."""
     out = Path(cfg.output_dir)
@@ -243,6 +255,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     has_image = [bool(x) for x in dataset["image"]]
     world, rank = accelerator.num_processes, accelerator.process_index
     batches, total_steps = _schedule(lengths, has_image, cfg, cfg.per_device_batch_size * world, world)
+    if _shards_parameters(accelerator) and (resume or cfg.save_steps < total_steps or cfg.time_budget_s is not None):
+        raise ValueError("periodic checkpoints, --resume and time_budget_s are not supported under FSDP / ZeRO-3 yet "
+                         "(a checkpoint would hold one process's shard): set --save_steps above the run's "
+                         f"{total_steps} steps, or use DDP / ZeRO-2 (scripts/accelerate/). The final model is gathered.")
     cache = None
     if cfg.feature_cache:  # checked once here: every image cached for this exact vision tower
         cache = feature_cache.open_for_training(cfg.feature_cache, model, processor,
@@ -315,7 +331,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         window["data_s"] += t_compute - t_data
         window["compute_s"] += time.perf_counter() - t_compute
         progress.update(1)
-        over_budget = cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s
+        over_budget = False
+        if cfg.time_budget_s is not None:  # one decision for all processes, or the others wait forever in a collective
+            late = torch.tensor([float(time.perf_counter() - started > cfg.time_budget_s)], device=accelerator.device)
+            over_budget = bool(accelerator.gather(late).max())
         if step % cfg.logging_steps == 0 or step == total_steps or over_budget:
             elapsed = time.perf_counter() - window["t0"]
             counts = tally.totals()
@@ -355,8 +374,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         "final_loss": last_loss, "train_seconds": time.perf_counter() - started, "data": report.as_dict(),
         "updates_skipped": counts["updates_skipped"],
     }
+    state_dict = accelerator.get_state_dict(model)  # on every process: gathers FSDP / ZeRO-3 shards
     if accelerator.is_main_process:
-        summary["output"] = str(save_result(unwrapped, processor, cfg))
+        summary["output"] = str(save_result(unwrapped, processor, cfg, state_dict))
         _write_json(out / "summary.json", summary)
     accelerator.end_training()
     return summary
