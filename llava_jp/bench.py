@@ -461,11 +461,13 @@ def run_bench(size: BenchSize, device: torch.device, precision: str, ablations: 
     peer = build_peer(ours)
     if precision == "bf16":
         ours.vision_tower.to(torch.bfloat16)  # frozen, as `llava-jp train` stores it
+    from .train.loop import enable_activation_checkpointing
+
     for m in (ours, ours_s2, peer):
         m.to(device)
         if size.gradient_checkpointing:
             lm = m.language_model if isinstance(m, LlavaJpForConditionalGeneration) else m.model.language_model
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(lm)
     report: dict = {"device": str(device), "precision": precision, "torch_threads": torch.get_num_threads(),
                     "size": asdict(size)}
     if device.type == "cuda":

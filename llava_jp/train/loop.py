@@ -57,6 +57,16 @@ def setup_model(cfg: TrainConfig) -> tuple[LlavaJpForConditionalGeneration, Llav
     return model, processor
 
 
+def enable_activation_checkpointing(lm) -> None:
+    """Non-reentrant activation checkpointing; the method's name changed in transformers 5
+    (`gradient_checkpointing_enable` is the deprecated alias)."""
+    enable = getattr(lm, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def prepare_for_training(model: LlavaJpForConditionalGeneration, cfg: TrainConfig) -> None:
     """Set what trains for the stage, store a frozen tower in bf16, enable gradient checkpointing."""
     model.requires_grad_(False)
@@ -69,7 +79,7 @@ def prepare_for_training(model: LlavaJpForConditionalGeneration, cfg: TrainConfi
     elif cfg.mixed_precision == "bf16":
         model.vision_tower.to(torch.bfloat16)  # frozen: no master copy needed
     if cfg.gradient_checkpointing:
-        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model.language_model)
         model.language_model.config.use_cache = False
 
 
