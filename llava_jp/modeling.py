@@ -170,16 +170,20 @@ class LlavaJpForConditionalGeneration(PreTrainedModel, GenerationMixin):
             past_key_values=getattr(out, "past_key_values", None),
         )
 
-    @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_features=None, **kwargs):
         """Generate from a processed prompt; returns only the new tokens.
 
         Image features are merged once, then decoding runs on the LM's KV cache. Works with
-        left-padded batches (positions follow the attention mask).
+        left-padded batches (positions follow the attention mask). Runs under
+        `torch.inference_mode` (no autograd bookkeeping per operation: ~2-3% faster decoding
+        than `no_grad` on CPU, docs/benchmarks.md); returned token tensors are ordinary tensors.
         """
-        if input_ids is None:
-            return super().generate(attention_mask=attention_mask, **kwargs)
-        inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_features)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        return super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        with torch.inference_mode():
+            if input_ids is None:
+                out = super().generate(attention_mask=attention_mask, **kwargs)
+            else:
+                inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_features)
+                if attention_mask is None:
+                    attention_mask = torch.ones_like(input_ids)
+                out = super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        return out.clone() if isinstance(out, torch.Tensor) else out

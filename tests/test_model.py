@@ -228,3 +228,10 @@ def test_char_tokenizer_round_trips_japanese():
     tok = build_char_tokenizer()
     text = "これは赤い丸です。\n数字は7！"
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_generate_returns_an_ordinary_tensor_that_callers_may_modify(tiny):
+    model, processor = tiny
+    out = model.generate(**processor(text=["何色？"], images=[RED]), max_new_tokens=3, do_sample=False)
+    assert not out.is_inference()
+    out += 1  # an inference-mode tensor would raise here
