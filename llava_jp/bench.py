@@ -306,15 +306,19 @@ def _whole_tower_features(model: LlavaJpForConditionalGeneration, pixel_values: 
     return out.hidden_states[model.config.vision_feature_layer]
 
 
+def _parts(m: nn.Module) -> nn.Module:
+    """The module holding `multi_modal_projector` and `language_model`: ours, or the peer's `.model`."""
+    return m if isinstance(m, LlavaJpForConditionalGeneration) else m.model
+
+
 def set_trainable(models: list[nn.Module], stage: int) -> None:
     """Stage 1: projectors only; stage 2: projectors + LMs (heads included). Towers stay frozen."""
     for m in models:
         m.requires_grad_(False)
     for m in models:
-        projector = m.multi_modal_projector if isinstance(m, LlavaJpForConditionalGeneration) else m.model.multi_modal_projector
-        projector.requires_grad_(True)
+        _parts(m).multi_modal_projector.requires_grad_(True)
         if stage == 2:
-            (m.language_model if isinstance(m, LlavaJpForConditionalGeneration) else m.model.language_model).requires_grad_(True)
+            _parts(m).language_model.requires_grad_(True)
             if not isinstance(m, LlavaJpForConditionalGeneration):
                 m.lm_head.requires_grad_(True)
 
@@ -466,8 +470,7 @@ def run_bench(size: BenchSize, device: torch.device, precision: str, ablations: 
     for m in (ours, ours_s2, peer):
         m.to(device)
         if size.gradient_checkpointing:
-            lm = m.language_model if isinstance(m, LlavaJpForConditionalGeneration) else m.model.language_model
-            enable_activation_checkpointing(lm)
+            enable_activation_checkpointing(_parts(m).language_model)
     report: dict = {"device": str(device), "precision": precision, "torch_threads": torch.get_num_threads(),
                     "size": asdict(size)}
     if device.type == "cuda":

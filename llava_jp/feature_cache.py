@@ -272,8 +272,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     model, processor = _load_model(args.model, dtype)
-    model.vision_tower.to(device)
-    model.multi_modal_projector.to(device)
+    model.vision_tower.to(device)  # only the tower runs
     records, _ = load_records(args.data_path)
     images = [im for im in records["image"] if im]
     cache = FeatureCache.for_model(args.out, model, processor)

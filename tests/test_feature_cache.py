@@ -6,10 +6,8 @@ import torch
 from PIL import Image
 
 from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
-from llava_jp.builder import build
 from llava_jp.cli import main
 from llava_jp.feature_cache import FeatureCache, fill, open_for_training
-from llava_jp.synthetic import write_dataset
 from llava_jp.train.config import load_config
 from llava_jp.train.data import Collator, encode_dataset, load_records
 from llava_jp.train.loop import train
@@ -18,14 +16,8 @@ BF16_RTOL = 2e-2  # features are stored in bf16 (8 mantissa bits)
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    torch.manual_seed(0)
-    model, processor = build("tiny", pretrained=False)
-    model.save_pretrained(root / "base")
-    processor.save_pretrained(root / "base")
-    paths = write_dataset(root / "data", n_train=24, n_test=0, seed=0)
-    return {"root": root, "base": root / "base", "images": paths["images"], "stage1": paths["stage1"]}
+def workspace(train_workspace):
+    return train_workspace
 
 
 def _load(ws):

@@ -128,16 +128,14 @@ def _atomic_write(final: Path, write) -> None:
                                    "(it redoes the steps after that checkpoint).") from err
 
 
-def save_result(model, processor, cfg: TrainConfig, state_dict: dict | None = None) -> Path:
+def save_result(model, processor, cfg: TrainConfig, state_dict: dict) -> Path:
     """Stage 1: only the projector (safetensors). Stage 2: a full `from_pretrained` directory.
-    `state_dict` is the full model's (from `accelerator.get_state_dict`, which gathers FSDP /
-    ZeRO-3 shards); without it the model's own tensors are saved."""
+    `state_dict` is the full model's, from `accelerator.get_state_dict` (which gathers FSDP /
+    ZeRO-3 shards)."""
     out = Path(cfg.output_dir)
     if cfg.stage == 1:
         prefix = "multi_modal_projector."
-        source = ({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)} if state_dict is not None
-                  else model.multi_modal_projector.state_dict())
-        weights = {k: v.contiguous() for k, v in source.items()}
+        weights = {k[len(prefix):]: v.contiguous() for k, v in state_dict.items() if k.startswith(prefix)}
         _atomic_write(out / PROJECTOR_FILE, lambda tmp: save_file(weights, tmp))
         return out / PROJECTOR_FILE
 
