@@ -197,7 +197,8 @@ def test_translates_preserving_structure_and_reports_what_failed(tmp_path, api):
         "reason": "not Japanese", "output": "⟦0⟧\nUNTRANSLATABLE words stay in English"}]
     # Every text once, the untranslatable one 3 times (2 retries), the flaky one twice.
     assert len(server.requests) == UNIQUE_TRANSLATABLE + 1 + 3 + 2 + 1
-    assert "⟦0⟧" in server.requests[0] and "<image>" not in "".join(server.requests)
+    # with 4 workers the request order is not fixed: look for the placeholder in any request
+    assert any("⟦0⟧" in r for r in server.requests) and "<image>" not in "".join(server.requests)
 
 
 def _cached_sources(path):
