@@ -75,7 +75,7 @@ def _text_processor(tokenizer, template: str, num_image_tokens: int):
     """The core's processor, used for text only (its image processor is never called)."""
     from transformers import SiglipImageProcessor
 
-    from llava_jp.processing import LlavaJpProcessor
+    from llava_jp.core.processing import LlavaJpProcessor
 
     return LlavaJpProcessor(SiglipImageProcessor(), tokenizer, template=template,
                             num_image_tokens=num_image_tokens)

@@ -10,15 +10,15 @@ from __future__ import annotations
 import re
 import unicodedata
 
-IMAGE_TAG = "<image>"  # llava_jp.templates.IMAGE_MARKER (not imported: see normalize_conversation)
+IMAGE_TAG = "<image>"  # llava_jp.core.templates.IMAGE_MARKER (not imported: see normalize_conversation)
 DEFAULT_MIN_JAPANESE_SHARE = 0.3
 LLAVA_ROLE = {"user": "human", "assistant": "gpt"}
 
 
 def normalize_conversation(raw: list[dict], sample_id: object = None) -> list[dict]:
-    """`llava_jp.templates.normalize_conversation`, imported on first use: importing llava_jp
+    """`llava_jp.core.templates.normalize_conversation`, imported on first use: importing llava_jp
     loads torch and the model classes, which `translate` and `mix` do not need."""
-    from llava_jp.templates import normalize_conversation as core_normalize
+    from llava_jp.core.templates import normalize_conversation as core_normalize
 
     return core_normalize(raw, sample_id)
 
@@ -36,9 +36,9 @@ def validate_sample(sample) -> list[tuple[str, str]]:
 
     Codes: malformed_sample, empty_turn, bad_role, bad_turn_order, image_tag_mismatch. A
     trailing user turn is allowed (the trainer drops it). The conversation rules are the
-    trainer's own (`llava_jp.templates.conversation_issues`), imported on first use.
+    trainer's own (`llava_jp.core.templates.conversation_issues`), imported on first use.
     """
-    from llava_jp.templates import conversation_issues
+    from llava_jp.core.templates import conversation_issues
 
     if not isinstance(sample, dict):
         return [("malformed_sample", f"sample is {type(sample).__name__}, not an object")]

@@ -2,9 +2,7 @@
 
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from .configuration import LlavaJpConfig
-from .modeling import LlavaJpForConditionalGeneration
-from .processing import LlavaJpProcessor
+from .core import LlavaJpConfig, LlavaJpForConditionalGeneration, LlavaJpProcessor
 
 __version__ = "0.1.0"
 

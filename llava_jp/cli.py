@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("llava_jp.info", "parameter counts and image-token shape of a preset or model"),
@@ -14,14 +15,22 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("llava_jp.quickstart", "the whole pipeline on a tiny model and synthetic data, on CPU"),
     "data": ("data_ja.cli", "Japanese training data: convert, translate, check, mix"),
     "eval": ("llava_jp.eval.runner", "score a model on JA-VG-VQA-500, JA-VLM-Bench-In-the-Wild and Heron-Bench"),
-    "chat": ("llava_jp.chat_cli", "chat about an image in the terminal (Japanese, streamed, multi-turn)"),
-    "demo": ("llava_jp.demo", "Japanese web chat demo (Gradio; needs the [demo] extra)"),
-    "release": ("llava_jp.release", "write a hub release folder (remote code, card), verify it loads without llava-jp, push"),
-    "import-llava-jp": ("llava_jp.import_llava_jp", "convert a predecessor (LLaVA-JP v1.x) checkpoint into this format"),
-    "cache-features": ("llava_jp.feature_cache", "compute frozen vision-tower features once for stage-1 training"),
-    "bench": ("llava_jp.bench", "time training steps and generation against transformers' LLaVA; full-size memory"),
+    "chat": ("llava_jp.infer.chat_cli", "chat about an image in the terminal (Japanese, streamed, multi-turn)"),
+    "demo": ("llava_jp.infer.demo", "Japanese web chat demo (Gradio; needs the [demo] extra)"),
+    "release": ("llava_jp.hub.release", "write a hub release folder (remote code, card), verify it loads without llava-jp, push"),
+    "import-llava-jp": ("llava_jp.hub.import_v1", "convert a predecessor (LLaVA-JP v1.x) checkpoint into this format"),
+    "cache-features": ("llava_jp.train.cache_features", "compute frozen vision-tower features once for stage-1 training"),
+    "bench": ("benchmarks.bench", "time training steps and generation against transformers' LLaVA; full-size memory"),
 }
 ACCEPTS_OVERRIDES = {"train"}
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _import(module_name: str):
+    """A subcommand's module; `benchmarks` is not installed, it runs from a source checkout."""
+    if module_name.startswith("benchmarks.") and (SOURCE_ROOT / "benchmarks").is_dir() and str(SOURCE_ROOT) not in sys.path:
+        sys.path.append(str(SOURCE_ROOT))
+    return importlib.import_module(module_name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,12 +40,20 @@ def main(argv: list[str] | None = None) -> int:
         # modules are imported lazily so `llava-jp info` does not pay for training imports
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name)
-        importlib.import_module(module_name).add_arguments(p)
+        try:
+            _import(module_name).add_arguments(p)
+        except ModuleNotFoundError as err:
+            if not module_name.startswith("benchmarks."):
+                raise
+            p.set_defaults(_unavailable=f"llava-jp {name}: needs a source checkout of llava-jp ({err})")
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ACCEPTS_OVERRIDES:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
-    code = importlib.import_module(args._module).run(args)
+    if getattr(args, "_unavailable", None):
+        print(args._unavailable, file=sys.stderr)
+        return 2
+    code = _import(args._module).run(args)
     return int(code or 0)
 
 

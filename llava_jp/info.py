@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from .builder import count_parameters, preset_names
+from llava_jp.presets.builder import count_parameters, preset_names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +20,7 @@ def model_info(model_dir: str) -> dict:
     """Counts for a saved model, from its config alone."""
     from transformers import AutoConfig
 
-    from . import LlavaJpForConditionalGeneration
+    from llava_jp import LlavaJpForConditionalGeneration
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):

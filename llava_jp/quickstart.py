@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from .builder import build
-from .chat import QUICKSTART_MODEL_DIR
-from .inference import generate_answers
-from .synthetic import write_dataset
-from .train.config import TrainConfig
-from .train.loop import MODEL_SUBDIR, PROJECTOR_FILE, train
+from llava_jp.presets.builder import build
+from llava_jp.infer.chat import QUICKSTART_MODEL_DIR
+from llava_jp.infer.generate import generate_answers
+from llava_jp.synthetic import write_dataset
+from llava_jp.train.config import TrainConfig
+from llava_jp.train.checkpoint import MODEL_SUBDIR, PROJECTOR_FILE
+from llava_jp.train.loop import train
 
 DEFAULT_OUT = QUICKSTART_MODEL_DIR.parent  # chat and demo serve this model by default
 EVAL_RESERVE_S = 30.0  # evaluation + saving after stage 2
@@ -29,7 +30,7 @@ EVAL_RESERVE_S = 30.0  # evaluation + saving after stage 2
 
 def evaluate(model_dir: Path, test_path: Path, image_dir: Path, batch_size: int = 64) -> dict:
     """Exact-answer accuracy, overall and per question type."""
-    from . import LlavaJpForConditionalGeneration, LlavaJpProcessor
+    from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
 
     model = LlavaJpForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = LlavaJpProcessor.from_pretrained(model_dir)

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from llava_jp.builder import build, load_preset
+from llava_jp.presets.builder import build, load_preset
 from llava_jp.quickstart import evaluate
 from llava_jp.synthetic import write_dataset
 from llava_jp.train.config import TrainConfig
-from llava_jp.train.loop import MODEL_SUBDIR, PROJECTOR_FILE, train
+from llava_jp.train.checkpoint import MODEL_SUBDIR, PROJECTOR_FILE
+from llava_jp.train.loop import train
 
 # name -> (s2_scales, s2_split_size, tower input size). "single-64" is a reference, not the baseline:
 # the tower sees the 64 px image whole, at 4x the image tokens (64 instead of 16) of the other two.

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from llava_jp.builder import build
+from llava_jp.presets.builder import build
 from llava_jp.synthetic import write_dataset
 
 

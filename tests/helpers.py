@@ -8,7 +8,7 @@ import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from llava_jp.templates import LLM_JP_V1_SYSTEM
+from llava_jp.core.templates import LLM_JP_V1_SYSTEM
 
 JA_CORPUS = [
     LLM_JP_V1_SYSTEM,
@@ -39,7 +39,7 @@ def byte_bpe_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
 
 def write_preset(path: Path, **overrides) -> Path:
     """The tiny preset with fields replaced (nested dicts merged one level deep)."""
-    from llava_jp.builder import PRESET_DIR
+    from llava_jp.presets.builder import PRESET_DIR
 
     data = yaml.safe_load((PRESET_DIR / "tiny.yaml").read_text(encoding="utf-8"))
     for key, value in overrides.items():
@@ -68,7 +68,7 @@ def save_sensitive_tiny_model(path: Path) -> Path:
     """
     import torch
 
-    from llava_jp.builder import build
+    from llava_jp.presets.builder import build
 
     torch.manual_seed(0)
     model, processor = build("tiny", pretrained=False)
@@ -97,7 +97,7 @@ def chat_pairs(chat) -> list[tuple[str, str]]:
 def supervised_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
     """The supervised spans of a sample (consecutive labels that are not ignored), each checked
     to equal the input ids at those positions."""
-    from llava_jp.modeling import IGNORE_INDEX
+    from llava_jp.core.modeling import IGNORE_INDEX
 
     runs, current = [], []
     for i, label in zip(ids, labels):

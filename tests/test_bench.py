@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from llava_jp.bench import bench_size, build_ours, build_peer, for_peer, make_batch
+from benchmarks.bench import bench_size, build_ours, build_peer, for_peer, make_batch
 from llava_jp.cli import main
 
 RATIOS = ("train_step_ratio", "stage1_step_ratio", "stage1_cache_speedup", "generate_tps_ratio")
@@ -50,7 +50,7 @@ def test_peer_shares_our_weights_and_sees_image_as_a_vocabulary_token():
 
 
 def test_memory_step_counts_weights_gradients_and_optimizer_state():
-    from llava_jp.bench_memory import memory_step
+    from benchmarks.memory import memory_step
 
     report = memory_step(torch.device("cpu"), "fp32", seq_len=128, preset_name="tiny")
     live, gib = report["live_tensor_gib"], 2**30

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from llava_jp.chat import ChatSession, GenerationSettings, load_model
-from llava_jp.chat_cli import chat_loop
+from llava_jp.infer.chat import ChatSession, GenerationSettings, load_model
+from llava_jp.infer.chat_cli import chat_loop
 from llava_jp.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]

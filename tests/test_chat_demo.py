@@ -9,15 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
-from llava_jp.chat import ChatSession, GenerationSettings, load_model
+from llava_jp.infer.chat import ChatSession, GenerationSettings, load_model
 
-from .helpers import chat_pairs as _pairs
-from .helpers import save_sensitive_tiny_model
+from tests.helpers import chat_pairs as _pairs
+from tests.helpers import save_sensitive_tiny_model
 
 gr = pytest.importorskip("gradio", reason="the demo tests need the [demo] extra (gradio)")
 from gradio_client import Client, handle_file  # noqa: E402
 
-from llava_jp.demo import Conversation, DemoHandlers, build_demo, make_example_images, serve  # noqa: E402
+from llava_jp.infer.demo import Conversation, DemoHandlers, build_demo, make_example_images, serve  # noqa: E402
 
 SETTINGS = GenerationSettings(max_new_tokens=12)
 SLIDERS = (SETTINGS.temperature, SETTINGS.top_p, SETTINGS.max_new_tokens, SETTINGS.repetition_penalty)

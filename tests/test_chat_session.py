@@ -1,12 +1,12 @@
-"""`llava_jp.chat`: the Python chat API both front ends use."""
+"""`llava_jp.infer.chat`: the Python chat API both front ends use."""
 
 import pytest
 import torch
 
-from llava_jp.tokenizer import build_char_tokenizer
+from llava_jp.presets.tokenizers import build_char_tokenizer
 from PIL import Image
 
-from llava_jp.chat import (
+from llava_jp.infer.chat import (
     ChatError,
     ChatSession,
     GenerationSettings,
@@ -15,7 +15,7 @@ from llava_jp.chat import (
     load_model,
     resolve_model,
 )
-from llava_jp.inference import generate_answers
+from llava_jp.infer.generate import generate_answers
 
 RED = Image.new("RGB", (64, 48), (255, 0, 0))
 BLUE = Image.new("RGB", (40, 40), (0, 0, 255))

@@ -9,8 +9,8 @@ from transformers import AutoTokenizer
 
 from data_ja.check import ERRORS, WARNINGS, check_dataset
 from data_ja.cli import main
-from llava_jp.templates import LLM_JP_V1_SYSTEM
-from llava_jp.tokenizer import build_char_tokenizer
+from llava_jp.core.templates import LLM_JP_V1_SYSTEM
+from llava_jp.presets.tokenizers import build_char_tokenizer
 
 CLEAN = [
     {"id": "c0", "image": "coco/0.jpg", "conversations": [

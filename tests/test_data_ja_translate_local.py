@@ -15,7 +15,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, 
 from data_ja.backends import SINGLE_PROMPT, TransformersBackend
 from data_ja.cli import main
 
-# ASCII only (unlike llava_jp.tokenizer's): whatever a random model emits is then not Japanese.
+# ASCII only (unlike llava_jp.presets.tokenizers's): whatever a random model emits is then not Japanese.
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[EOS]"]
 CHARACTERS = sorted(set(string.printable + "⟦⟧"))
 VOCAB = len(SPECIAL_TOKENS) + len(CHARACTERS)

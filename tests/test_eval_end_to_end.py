@@ -7,8 +7,8 @@ from PIL import Image
 
 from llava_jp.cli import main as cli_main
 from llava_jp.eval import load_task, runner
-from llava_jp.eval.testing import StandInJudge, write_tiny_benchmarks
-from llava_jp.inference import generate_answers
+from tests.fakes.eval_data import StandInJudge, write_tiny_benchmarks
+from llava_jp.infer.generate import generate_answers
 
 TOTAL_SAMPLES = 3 + 2 + 6  # ja-vg-vqa-500 QAs, in-the-wild questions, heron-bench questions
 

@@ -14,7 +14,7 @@ from llava_jp.eval.judge import (
     summarize_heron,
 )
 from llava_jp.eval.tasks import Sample
-from llava_jp.eval.testing import StandInJudge
+from tests.fakes.eval_data import StandInJudge
 
 HERON = [
     Sample(str(i), f"質問{i}", f"参照{i}", i, category=c, context=f"画像{i}の説明")

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import pytest
 
 from llava_jp.eval.llm_jp_eval_mm import VLM, generation_kwargs, get_class_from_model_id
-from llava_jp.eval.testing import tiny_image
+from tests.fakes.eval_data import tiny_image
 
 
 @dataclass
@@ -67,7 +67,7 @@ def test_several_images_are_refused():
 
 def test_real_tiny_model_through_the_adapter(tiny_dir):
     from llava_jp.eval.runner import load_model
-    from llava_jp.inference import generate_answers
+    from llava_jp.infer.generate import generate_answers
 
     vlm = VLM(str(tiny_dir), device="cpu")
     image = tiny_image("red")

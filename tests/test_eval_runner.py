@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from llava_jp.eval import TASKS, JudgeClient, load_task, rouge_l, run_eval, runner
-from llava_jp.eval.testing import StandInJudge, write_tiny_benchmarks
+from tests.fakes.eval_data import StandInJudge, write_tiny_benchmarks
 
 # Fixed answers by question: some match the reference, some overlap, some miss.
 ANSWERS = {

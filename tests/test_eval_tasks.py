@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from llava_jp.eval import TASKS, load_task
-from llava_jp.eval.testing import (
+from tests.fakes.eval_data import (
     write_heron_files,
     write_heron_table,
     write_ja_vg_vqa,

@@ -7,7 +7,7 @@ from PIL import Image
 
 from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
 from llava_jp.cli import main
-from llava_jp.feature_cache import FeatureCache, fill, open_for_training
+from llava_jp.train.features import FeatureCache, fill, open_for_training
 from llava_jp.train.config import load_config
 from llava_jp.train.data import Collator, encode_dataset, load_records
 from llava_jp.train.loop import train

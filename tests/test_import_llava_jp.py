@@ -17,13 +17,14 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor, vision
+from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
+from llava_jp.core import vision
 from llava_jp.cli import main as cli_main
-from llava_jp.configuration import VISION_LAYOUTS
-from llava_jp.import_llava_jp import convert
-from llava_jp.release import release
+from llava_jp.core.configuration import VISION_LAYOUTS
+from llava_jp.hub.import_v1 import convert
+from llava_jp.hub.release import release
 from llava_jp.synthetic import write_dataset
-from llava_jp.tokenizer import build_char_tokenizer
+from llava_jp.presets.tokenizers import build_char_tokenizer
 from llava_jp.train.config import load_config
 from llava_jp.train.loop import train
 

@@ -17,11 +17,11 @@ from transformers import (
 )
 
 from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
-from llava_jp.builder import build
+from llava_jp.presets.builder import build
 from llava_jp.cli import main as cli_main
-from llava_jp.tokenizer import build_char_tokenizer
+from llava_jp.presets.tokenizers import build_char_tokenizer
 
-from .helpers import byte_bpe_tokenizer, write_preset
+from tests.helpers import byte_bpe_tokenizer, write_preset
 
 RED = Image.new("RGB", (80, 50), (255, 0, 0))
 BLUE = Image.new("RGB", (40, 40), (0, 0, 255))

@@ -15,10 +15,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from llava_jp import release_probe
+from llava_jp.hub import probe as release_probe
 from llava_jp.cli import main as cli_main
-from llava_jp.model_card import CardInfo, load_scores, render_model_card
-from llava_jp.release import (
+from llava_jp.hub.card import CardInfo, load_scores, render_model_card
+from llava_jp.hub.release import (
     AUTO_MAP,
     REMOTE_MODULES,
     remote_module_source,
@@ -113,7 +113,7 @@ def test_verification_catches_a_release_that_differs(released, tiny_dir, tmp_pat
 
 def test_the_probe_process_cannot_import_llava_jp():
     code = ("import runpy; runpy.run_path({path!r})['block_llava_jp']()\n"
-            "try:\n    import llava_jp.modeling\nexcept ImportError as e:\n    print('blocked:', e)")
+            "try:\n    import llava_jp.core.modeling\nexcept ImportError as e:\n    print('blocked:', e)")
     done = subprocess.run([sys.executable, "-I", "-c", code.format(path=release_probe.__file__)],
                           check=False, capture_output=True, text=True, timeout=60)
     assert done.stdout.startswith("blocked: llava_jp") and done.returncode == 0
@@ -192,9 +192,9 @@ def test_release_refusals(tiny_dir, tmp_path, capsys):
 def test_missing_s2wrapper_names_the_pip_package(monkeypatch):
     import importlib.util
 
-    import llava_jp.vision
+    import llava_jp.core.vision
 
     monkeypatch.setitem(sys.modules, "s2wrapper", None)  # makes `import s2wrapper` fail
-    spec = importlib.util.spec_from_file_location("vision_without_s2", llava_jp.vision.__file__)
+    spec = importlib.util.spec_from_file_location("vision_without_s2", llava_jp.core.vision.__file__)
     with pytest.raises(ImportError, match="pip install scaling-on-scales"):
         spec.loader.exec_module(importlib.util.module_from_spec(spec))

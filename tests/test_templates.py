@@ -3,13 +3,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jinja2 import Template as Jinja
 
-from llava_jp.builder import build_config, build_processor, load_preset
-from llava_jp.processing import LlavaJpProcessor
-from llava_jp.templates import LLM_JP_V1_SYSTEM, get_template, normalize_conversation
-from llava_jp.tokenizer import build_char_tokenizer
+from llava_jp.presets.builder import build_config, build_processor, load_preset
+from llava_jp.core.processing import LlavaJpProcessor
+from llava_jp.core.templates import LLM_JP_V1_SYSTEM, get_template, normalize_conversation
+from llava_jp.presets.tokenizers import build_char_tokenizer
 
-from .helpers import byte_bpe_tokenizer
-from .helpers import supervised_runs as _supervised_runs
+from tests.helpers import byte_bpe_tokenizer
+from tests.helpers import supervised_runs as _supervised_runs
 
 EOS = "<EOD|LLM-jp>"
 

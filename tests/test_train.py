@@ -15,7 +15,8 @@ from llava_jp import LlavaJpForConditionalGeneration
 from llava_jp.train import checkpoint as ckpt
 from llava_jp.train.config import load_config
 from llava_jp.train.data import encode_dataset, grouped_batches, load_records
-from llava_jp.train.loop import build_optimizer, setup_model, train
+from llava_jp.train.loop import setup_model, train
+from llava_jp.train.optim import build_optimizer
 
 
 @pytest.fixture(scope="module")

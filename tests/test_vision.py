@@ -2,10 +2,10 @@ import pytest
 import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel, TimmWrapperConfig
 
-from llava_jp import vision
-from llava_jp.builder import build
-from llava_jp.configuration import LlavaJpConfig
-from llava_jp.modeling import LlavaJpForConditionalGeneration
+from llava_jp.core import vision
+from llava_jp.presets.builder import build
+from llava_jp.core.configuration import LlavaJpConfig
+from llava_jp.core.modeling import LlavaJpForConditionalGeneration
 
 
 def _siglip(image_size=32, patch=8, layers=3, hidden=32):

@@ -6,10 +6,10 @@
 - :func:`run_eval` — generate (resumably), score, write scores.json / results.md / radar.png
 """
 
-from .judge import JudgeClient, judge_heron, judge_one_to_five
-from .rouge import rouge_l, rouge_l_scores
-from .runner import add_eval_arguments, main_eval, run_eval
-from .tasks import TASKS, EvalTask, Sample, load_task
+from llava_jp.eval.judge import JudgeClient, judge_heron, judge_one_to_five
+from llava_jp.eval.rouge import rouge_l, rouge_l_scores
+from llava_jp.eval.runner import add_eval_arguments, main_eval, run_eval
+from llava_jp.eval.tasks import TASKS, EvalTask, Sample, load_task
 
 __all__ = [
     "TASKS",

@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from ._jsonl import append_records, read_records
-from .tasks import HERON_CATEGORIES, Sample
+from llava_jp.eval._jsonl import append_records, read_records
+from llava_jp.eval.tasks import HERON_CATEGORIES, Sample
 
 ENV_BASE_URL = "LLAVA_JP_JUDGE_BASE_URL"
 ENV_MODEL = "LLAVA_JP_JUDGE_MODEL"

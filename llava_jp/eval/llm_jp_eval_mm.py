@@ -47,9 +47,9 @@ class VLM:
     def _load(model_id: str, device: str | None) -> AnswerFn:
         import functools
 
-        from llava_jp.inference import generate_answers
+        from llava_jp.infer.generate import generate_answers
 
-        from .runner import load_model
+        from llava_jp.eval.runner import load_model
 
         return functools.partial(generate_answers, *load_model(model_id, device))
 

@@ -23,11 +23,11 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ._jsonl import append_records, read_records
-from .judge import HERON_STYLES, JudgeClient, Judgment, judge_heron, judge_one_to_five
-from .report import write_report
-from .rouge import PROTOCOLS, aggregate_rouge_l, rouge_l_scores
-from .tasks import TASKS, EvalTask, load_task
+from llava_jp.eval._jsonl import append_records, read_records
+from llava_jp.eval.judge import HERON_STYLES, JudgeClient, Judgment, judge_heron, judge_one_to_five
+from llava_jp.eval.report import write_report
+from llava_jp.eval.rouge import PROTOCOLS, aggregate_rouge_l, rouge_l_scores
+from llava_jp.eval.tasks import TASKS, EvalTask, load_task
 
 GenerateFn = Callable[[list[Image.Image], list[str]], list[str]]
 logger = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def load_model(model_path: str, device: str | None = None):
 
 def model_generate_fn(model_path: str, max_new_tokens: int = 256, device: str | None = None) -> GenerateFn:
     """``generate_fn`` backed by a saved llava-jp model (greedy, batched, left-padded)."""
-    from llava_jp.inference import generate_answers
+    from llava_jp.infer.generate import generate_answers
 
     model, processor = load_model(model_path, device)
 

@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STATE_FILE = "state.json"
+PROJECTOR_FILE = "projector.safetensors"  # stage 1's output
+MODEL_SUBDIR = "model"  # stage 2's output
 _NAME = re.compile(r"checkpoint-(\d+)")
 _LEFTOVER = re.compile(r"checkpoint-\d+\.(tmp|old)")
 
@@ -150,3 +152,49 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- final output --------------------------------------------------------------------------------
+def atomic_write(final: Path, write) -> None:
+    """`write(tmp)`, then rename tmp to `final`; a failed write leaves `final` as it was."""
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if final.is_dir():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as err:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        intact = complete_checkpoints(final.parent)
+        kept = f"the newest complete checkpoint is {intact[-1]}" if intact else "there is no checkpoint"
+        raise CheckpointError(f"could not write {final} ({err}); {kept}. Free space and rerun with --resume "
+                                   "(it redoes the steps after that checkpoint).") from err
+
+
+def save_result(model, processor, cfg, state_dict: dict) -> Path:
+    """Stage 1: only the projector (safetensors). Stage 2: a full `from_pretrained` directory.
+    `state_dict` is the full model's, from `accelerator.get_state_dict` (which gathers FSDP /
+    ZeRO-3 shards)."""
+    out = Path(cfg.output_dir)
+    if cfg.stage == 1:
+        prefix = "multi_modal_projector."
+        weights = {k[len(prefix):]: v.contiguous() for k, v in state_dict.items() if k.startswith(prefix)}
+        atomic_write(out / PROJECTOR_FILE, lambda tmp: save_file(weights, tmp))
+        return out / PROJECTOR_FILE
+
+    def write(path: Path) -> None:
+        model.save_pretrained(path, state_dict=state_dict)
+        processor.save_pretrained(path)
+
+    atomic_write(out / MODEL_SUBDIR, write)
+    return out / MODEL_SUBDIR
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+    os.replace(tmp, path)

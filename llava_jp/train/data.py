@@ -18,10 +18,10 @@ import datasets
 import torch
 from PIL import Image
 
-from ..feature_cache import FeatureCache
-from ..modeling import IGNORE_INDEX
-from ..processing import ImageLoadError, LlavaJpProcessor, load_image
-from ..templates import (
+from llava_jp.train.features import FeatureCache
+from llava_jp.core.modeling import IGNORE_INDEX
+from llava_jp.core.processing import ImageLoadError, LlavaJpProcessor, load_image
+from llava_jp.core.templates import (
     conversation_issues,
     get_template,
     normalize_conversation,

@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -22,22 +21,23 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType, set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .. import LlavaJpForConditionalGeneration, LlavaJpProcessor, feature_cache
-from ..builder import build
-from ..modeling import IGNORE_INDEX
-from ..processing import IMAGE_FAULTS
-from . import checkpoint as ckpt
-from .config import TrainConfig, load_config
-from .data import Collator, DataError, encode_dataset, grouped_batches, load_records
+from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
+from llava_jp.train import features as feature_cache
+from llava_jp.presets.builder import build
+from llava_jp.core.modeling import IGNORE_INDEX
+from llava_jp.core.processing import IMAGE_FAULTS
+from llava_jp.train import checkpoint as ckpt
+from llava_jp.train.checkpoint import save_result, write_json
+from llava_jp.train.config import TrainConfig, load_config
+from llava_jp.train.data import Collator, DataError, encode_dataset, grouped_batches, load_records
+from llava_jp.train.optim import build_optimizer, prepare_for_training
 
 logger = logging.getLogger(__name__)
-PROJECTOR_FILE = "projector.safetensors"
-MODEL_SUBDIR = "model"
 
 
 # -- model ---------------------------------------------------------------------------------
@@ -55,102 +55,6 @@ def setup_model(cfg: TrainConfig) -> tuple[LlavaJpForConditionalGeneration, Llav
         model.multi_modal_projector.load_state_dict(weights, strict=True)
     prepare_for_training(model, cfg)
     return model, processor
-
-
-def enable_activation_checkpointing(lm) -> None:
-    """Non-reentrant activation checkpointing; the method's name changed in transformers 5
-    (`gradient_checkpointing_enable` is the deprecated alias)."""
-    enable = getattr(lm, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def prepare_for_training(model: LlavaJpForConditionalGeneration, cfg: TrainConfig) -> None:
-    """Set what trains for the stage, store a frozen tower in bf16, enable gradient checkpointing."""
-    model.requires_grad_(False)
-    model.multi_modal_projector.requires_grad_(True)
-    if cfg.stage == 2:
-        model.language_model.requires_grad_(True)
-    if cfg.train_vision_tower:
-        model.vision_tower.requires_grad_(True)
-        model.freeze_unused_vision_parameters()
-    elif cfg.mixed_precision == "bf16":
-        model.vision_tower.to(torch.bfloat16)  # frozen: no master copy needed
-    if cfg.gradient_checkpointing:
-        enable_activation_checkpointing(model.language_model)
-        model.language_model.config.use_cache = False
-
-
-def build_optimizer(model: LlavaJpForConditionalGeneration, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW or 8-bit AdamW; the projector may have its own learning rate; no weight decay on
-    biases and norms. With 8-bit AdamW, embedding tables keep 32-bit optimizer state."""
-    projector_ids = {id(p) for p in model.multi_modal_projector.parameters()}
-    groups: dict[tuple[float, float], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lr = cfg.projector_lr if (id(p) in projector_ids and cfg.projector_lr) else cfg.learning_rate
-        decay = 0.0 if (p.ndim < 2 or "norm" in name or "ln_" in name) else cfg.weight_decay
-        groups.setdefault((lr, decay), []).append(p)
-    param_groups = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, lr=cfg.learning_rate)
-    import bitsandbytes as bnb
-    from bitsandbytes.optim import GlobalOptimManager
-
-    manager = GlobalOptimManager.get_instance()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Embedding) and module.weight.requires_grad:
-            manager.register_module_override(module, "weight", {"optim_bits": 32})
-    return bnb.optim.AdamW8bit(param_groups, lr=cfg.learning_rate)
-
-
-# -- saving --------------------------------------------------------------------------------
-def _atomic_write(final: Path, write) -> None:
-    """`write(tmp)`, then rename tmp to `final`; a failed write leaves `final` as it was."""
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-        if final.is_dir():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except OSError as err:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        intact = ckpt.complete_checkpoints(final.parent)
-        kept = f"the newest complete checkpoint is {intact[-1]}" if intact else "there is no checkpoint"
-        raise ckpt.CheckpointError(f"could not write {final} ({err}); {kept}. Free space and rerun with --resume "
-                                   "(it redoes the steps after that checkpoint).") from err
-
-
-def save_result(model, processor, cfg: TrainConfig, state_dict: dict) -> Path:
-    """Stage 1: only the projector (safetensors). Stage 2: a full `from_pretrained` directory.
-    `state_dict` is the full model's, from `accelerator.get_state_dict` (which gathers FSDP /
-    ZeRO-3 shards)."""
-    out = Path(cfg.output_dir)
-    if cfg.stage == 1:
-        prefix = "multi_modal_projector."
-        weights = {k[len(prefix):]: v.contiguous() for k, v in state_dict.items() if k.startswith(prefix)}
-        _atomic_write(out / PROJECTOR_FILE, lambda tmp: save_file(weights, tmp))
-        return out / PROJECTOR_FILE
-
-    def write(path: Path) -> None:
-        model.save_pretrained(path, state_dict=state_dict)
-        processor.save_pretrained(path)
-
-    _atomic_write(out / MODEL_SUBDIR, write)
-    return out / MODEL_SUBDIR
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # -- loop ----------------------------------------------------------------------------------
@@ -385,7 +289,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     state_dict = accelerator.get_state_dict(model)  # on every process: gathers FSDP / ZeRO-3 shards
     if accelerator.is_main_process:
         summary["output"] = str(save_result(unwrapped, processor, cfg, state_dict))
-        _write_json(out / "summary.json", summary)
+        write_json(out / "summary.json", summary)
     accelerator.end_training()
     return summary
 

@@ -12,13 +12,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from llava_jp import cli
-from llava_jp.modeling import IGNORE_INDEX
-from llava_jp.processing import IMAGE_FAULTS, ImageLoadError, load_image
+from llava_jp.core.modeling import IGNORE_INDEX
+from llava_jp.core.processing import IMAGE_FAULTS, ImageLoadError, load_image
 from llava_jp.train.config import load_config
 from llava_jp.train.data import Collator, DataError, encode_dataset, load_records
 from llava_jp.train.loop import setup_model, train
 
-from .faults import (
+from tests.reliability.faults import (
     bad_conversations,
     broken_images,
     image_sample,

@@ -16,18 +16,18 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_jp.chat import ChatSession, GenerationSettings, load_model
+from llava_jp.infer.chat import ChatSession, GenerationSettings, load_model
 
-from ..helpers import chat_pairs, save_sensitive_tiny_model
-from .conftest import scaled
-from .faults import png_header
+from tests.helpers import chat_pairs, save_sensitive_tiny_model
+from tests.reliability.conftest import scaled
+from tests.reliability.faults import png_header
 
 gr = pytest.importorskip("gradio", reason="the demo tests need the [demo] extra (gradio)")
 psutil = pytest.importorskip("psutil")
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from llava_jp.demo import Conversation, DemoHandlers
+from llava_jp.infer.demo import Conversation, DemoHandlers
 
 SETTINGS = GenerationSettings(max_new_tokens=12)  # greedy
 SLIDERS = (SETTINGS.temperature, SETTINGS.top_p, SETTINGS.max_new_tokens, SETTINGS.repetition_penalty)
@@ -223,7 +223,7 @@ def test_hostile_uploads_prompts_and_parameters_get_clear_errors(server, tmp_pat
 def test_the_page_shows_each_answer_as_the_history_keeps_it(monkeypatch):
     """Found by the 60-session soak: an answer ending in a space (here U+3000) was shown with it
     while the history kept it trimmed, so the page and the model disagreed."""
-    from llava_jp.builder import build
+    from llava_jp.presets.builder import build
 
     model, processor = build("tiny", pretrained=False)
     answer = processor.tokenizer("赤です。\u3000 ", add_special_tokens=False, return_tensors="pt")["input_ids"]

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 from llava_jp.train import checkpoint as ckpt
 
-from ..helpers import losses_by_step
-from . import kill_worker
-from .conftest import SOAK, scaled
-from .faults import image_sample, write_json
+from tests.helpers import losses_by_step
+from tests.reliability import kill_worker
+from tests.reliability.conftest import SOAK, scaled
+from tests.reliability.faults import image_sample, write_json
 
 STEPS = 6
 # where a kill lands, by kind; every CI run kills at least once in each

@@ -11,20 +11,20 @@ import torch
 from accelerate import Accelerator
 
 from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
-from llava_jp.builder import build
-from llava_jp.chat import load_model
-from llava_jp.import_llava_jp import _load_pickle
+from llava_jp.presets.builder import build
+from llava_jp.infer.chat import load_model
+from llava_jp.hub.import_v1 import _load_pickle
 from llava_jp.train import checkpoint as ckpt
 from llava_jp.train.loop import _resume
 
-from ..helpers import write_preset
+from tests.helpers import write_preset
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("llava_jp", "data_ja")
+PACKAGES = ("llava_jp", "data_ja", "benchmarks")
 # The only place that sets trust_remote_code: `llava-jp release` loads the folder it has just
 # generated from this package's source, in a separate `python -I` process that cannot import
 # llava_jp, to prove that hub users can load it (docs/release.md, docs/reliability.md).
-REMOTE_CODE_ALLOWED = {("llava_jp/release_probe.py", "_main")}
+REMOTE_CODE_ALLOWED = {("llava_jp/hub/probe.py", "_main")}
 
 
 def _sources():

@@ -18,13 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from llava_jp.builder import build
-from llava_jp.processing import IMAGE_FAULTS, ImageLoadError, load_image
-from llava_jp.templates import CONVERSATION_FAULTS, normalize_conversation
+from llava_jp.presets.builder import build
+from llava_jp.core.processing import IMAGE_FAULTS, ImageLoadError, load_image
+from llava_jp.core.templates import CONVERSATION_FAULTS, normalize_conversation
 from llava_jp.train.data import LENGTH_FAULTS, encode_record
 
-from ..helpers import supervised_runs
-from .conftest import SOAK, scaled
+from tests.helpers import supervised_runs
+from tests.reliability.conftest import SOAK, scaled
 
 EOS = "<EOD|LLM-jp>"
 SPECIAL_TEXT = ["<image>", EOS, "<pad>", "<s>", "", " ", "\n", "ユーザー: ", " システム: ", "\ud800", "\x00", "🍣"]

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .chat import MAX_IMAGE_PIXELS, ChatError, ChatSession, GenerationSettings, load_chat_image
-from .chat_cli import add_model_arguments
+from llava_jp.infer.chat import MAX_IMAGE_PIXELS, ChatError, ChatSession, GenerationSettings, load_chat_image
+from llava_jp.infer.chat_cli import add_model_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def build_demo(model, processor, max_image_pixels: int = MAX_IMAGE_PIXELS, examp
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    from .chat import context_length
+    from llava_jp.infer.chat import context_length
 
     handlers = DemoHandlers(model, processor, max_image_pixels)
     example_dir = example_dir or Path(tempfile.mkdtemp(prefix="llava-jp-demo-"))
@@ -205,7 +205,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from importlib.util import find_spec
 
-    from .chat import load_model, resolve_model
+    from llava_jp.infer.chat import load_model, resolve_model
 
     try:
         model_path = resolve_model(args.model)

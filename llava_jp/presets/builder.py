@@ -17,13 +17,13 @@ from transformers import (
     SiglipImageProcessor,
 )
 
-from .configuration import LlavaJpConfig
-from .modeling import LlavaJpForConditionalGeneration
-from .processing import LlavaJpProcessor
-from .templates import get_template
-from .tokenizer import build_bpe_tokenizer, build_char_tokenizer
+from llava_jp.core.configuration import LlavaJpConfig
+from llava_jp.core.modeling import LlavaJpForConditionalGeneration
+from llava_jp.core.processing import LlavaJpProcessor
+from llava_jp.core.templates import get_template
+from llava_jp.presets.tokenizers import build_bpe_tokenizer, build_char_tokenizer
 
-PRESET_DIR = Path(__file__).parent / "presets"
+PRESET_DIR = Path(__file__).parent
 BUILTIN_TOKENIZERS = {"builtin:char-ja": build_char_tokenizer, "builtin:bpe-ja": build_bpe_tokenizer}
 
 

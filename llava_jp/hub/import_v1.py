@@ -28,11 +28,11 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from .builder import _set_generation_tokens
-from .configuration import LlavaJpConfig
-from .modeling import LlavaJpForConditionalGeneration
-from .processing import LlavaJpProcessor
-from .vision import LLAVA_JP_V1_1_LAYOUT
+from llava_jp.presets.builder import _set_generation_tokens
+from llava_jp.core.configuration import LlavaJpConfig
+from llava_jp.core.modeling import LlavaJpForConditionalGeneration
+from llava_jp.core.processing import LlavaJpProcessor
+from llava_jp.core.vision import LLAVA_JP_V1_1_LAYOUT
 
 PREDECESSOR_ARCHITECTURE = "LlavaGpt2ForCausalLM"
 PREDECESSOR_MODEL_TYPES = ("llava-jp", "llava")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .templates import LLM_JP_V1_SYSTEM
+from llava_jp.core.templates import LLM_JP_V1_SYSTEM
 
 EOS_TOKEN = "<EOD|LLM-jp>"
 PAD_TOKEN = "<pad>"
@@ -47,8 +47,8 @@ def build_char_tokenizer(extra_characters: str = "") -> PreTrainedTokenizerFast:
 
 
 def _bpe_corpus() -> list[str]:
-    from .synthetic import COLOURS, PATTERNS, QUESTIONS, SHAPES, caption
-    from .templates import TEMPLATES
+    from llava_jp.synthetic import COLOURS, PATTERNS, QUESTIONS, SHAPES, caption
+    from llava_jp.core.templates import TEMPLATES
 
     texts = [t.system + t.user_prefix + t.assistant_prefix + t.turn_separator + t.user_prefix for t in TEMPLATES.values()]
     texts += list(QUESTIONS.values()) + list(COLOURS) + list(SHAPES) + list(PATTERNS) + [str(d) for d in range(10)]

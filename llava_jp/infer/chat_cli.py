@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from .chat import MAX_IMAGE_PIXELS, ChatError, ChatSession, GenerationSettings, load_model
+from llava_jp.infer.chat import MAX_IMAGE_PIXELS, ChatError, ChatSession, GenerationSettings, load_model
 
 HELP = """コマンド:
   /image パス   別の画像を読み込む（会話は最初から）

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .processing import ImageLike
+from llava_jp.core.processing import ImageLike
 
 
 def generate_answers(

@@ -25,14 +25,15 @@ import transformers
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from . import __version__, release_probe
-from .builder import count_parameters
-from .model_card import CardInfo, load_scores, render_model_card
-from .modeling import LlavaJpForConditionalGeneration
-from .processing import LlavaJpProcessor
-from .templates import IMAGE_MARKER, get_template
+from llava_jp import __version__
+from llava_jp.hub import probe as release_probe
+from llava_jp.presets.builder import count_parameters
+from llava_jp.hub.card import CardInfo, load_scores, render_model_card
+from llava_jp.core.modeling import LlavaJpForConditionalGeneration
+from llava_jp.core.processing import LlavaJpProcessor
+from llava_jp.core.templates import IMAGE_MARKER, get_template
 
-PACKAGE_DIR = Path(__file__).parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent / "core"
 # package module -> remote-code module in the release, in dependency order
 REMOTE_MODULES = {
     "configuration": "configuration_llava_jp",

@@ -26,9 +26,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .bench import _sample, bench_size
-from .builder import build_config, load_preset
-from .modeling import LlavaJpForConditionalGeneration
+from benchmarks.sizes import _sample, bench_size
+from llava_jp.presets.builder import build_config, load_preset
+from llava_jp.core.modeling import LlavaJpForConditionalGeneration
 
 GIB = 2**30
 
@@ -88,8 +88,8 @@ def memory_step(device: torch.device, precision: str, seq_len: int = 1532,
     """
     import psutil
 
-    from .train.config import load_config
-    from .train.loop import build_optimizer, prepare_for_training
+    from llava_jp.train.config import load_config
+    from llava_jp.train.optim import build_optimizer, prepare_for_training
 
     preset = load_preset(preset_name)
     cfg = load_config("stage2", preset=preset_name, data_path="unused", per_device_batch_size=1,

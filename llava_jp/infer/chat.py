@@ -25,8 +25,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from .processing import ImageLike, load_image
-from .templates import IMAGE_MARKER
+from llava_jp.core.processing import ImageLike, load_image
+from llava_jp.core.templates import IMAGE_MARKER
 
 # Where `llava-jp quickstart` writes its model; the front ends serve it when no --model is given.
 QUICKSTART_MODEL_DIR = Path("quickstart_out") / "model"
@@ -306,8 +306,8 @@ def resolve_model(name_or_path: str | None) -> str:
 def load_model(name_or_path: str | None = None, device: str = "auto"):
     """(model, processor) from a saved directory or hub id, in eval mode on `device`
     ("auto": the GPU in bf16 when there is one, else the CPU in float32)."""
-    from .modeling import LlavaJpForConditionalGeneration
-    from .processing import LlavaJpProcessor
+    from llava_jp.core.modeling import LlavaJpForConditionalGeneration
+    from llava_jp.core.processing import LlavaJpProcessor
 
     path = resolve_model(name_or_path)
     if device == "auto":

@@ -1,0 +1,1 @@
+"""Benchmarks (not installed with the package): `llava-jp bench` runs them from a source checkout."""

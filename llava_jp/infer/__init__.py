@@ -1,0 +1,1 @@
+"""Inference applications: batched generation, the chat session, terminal chat and the web demo."""

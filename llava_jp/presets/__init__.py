@@ -1,0 +1,1 @@
+"""Presets (YAML) and the builder that turns one into a (model, processor)."""
