@@ -42,7 +42,7 @@ from transformers import (
     LogitsProcessor,
 )
 
-from benchmarks.sizes import BenchSize, _sample, _tokens, bench_size
+from benchmarks.sizes import BENCH_IMAGE_TOKEN_ID, BenchSize, _sample, _tokens, bench_size
 from llava_jp.presets.builder import build_config, parse_preset
 from llava_jp.train.features import FeatureCache
 from llava_jp.core.modeling import IGNORE_INDEX, LlavaJpForConditionalGeneration
@@ -58,9 +58,12 @@ def build_ours(size: BenchSize, s2: bool, share_from: LlavaJpForConditionalGener
                            "tokenizer": "none", "projector": "mlp2x_gelu"}, source="bench")
     config = build_config(preset, pretrained=False)
     if share_from is None:
-        return LlavaJpForConditionalGeneration(config)
-    return LlavaJpForConditionalGeneration(config, vision_tower=share_from.vision_tower,
-                                           language_model=share_from.language_model)
+        model = LlavaJpForConditionalGeneration(config)
+    else:
+        model = LlavaJpForConditionalGeneration(config, vision_tower=share_from.vision_tower,
+                                                language_model=share_from.language_model)
+    model.set_image_token(BENCH_IMAGE_TOKEN_ID)
+    return model
 
 
 def _grown(module: nn.Module, extra_row: torch.Tensor) -> nn.Module:
@@ -220,10 +223,8 @@ def _loss_check(runner: Runner, ours, peer, batch: dict, peer_batch: dict) -> di
 
 
 def _full_logits_loss(model: LlavaJpForConditionalGeneration, batch: dict) -> torch.Tensor:
-    """Ours with the peer's loss path (logits at every position): an ablation."""
-    embeds = model.embed_inputs(batch["input_ids"], batch.get("pixel_values"), batch.get("image_features"))
-    return model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                labels=batch["labels"], use_cache=False).loss
+    """Ours with the peer's loss path (logits at every position, our default forward): an ablation."""
+    return model(**batch, use_cache=False).loss
 
 
 def _whole_tower_features(model: LlavaJpForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -269,9 +270,9 @@ def measure_training(runner: Runner, size: BenchSize, stage: int, ours, ours_s2,
         return lambda: _train_step(runner, optimizer, forward, step)
 
     contenders = {
-        "ours": train_step(lambda: ours(**batch_d, use_cache=False).loss),
+        "ours": train_step(lambda: ours(**batch_d, use_cache=False, supervised_only=True).loss),
         "peer": train_step(lambda: peer(**peer_d, use_cache=False).loss),
-        "ours_s2": train_step(lambda: ours_s2(**s2_d, use_cache=False).loss),
+        "ours_s2": train_step(lambda: ours_s2(**s2_d, use_cache=False, supervised_only=True).loss),
     }
     if cache_dir is not None:
         names = [f"image-{i}.png" for i in range(batch["input_ids"].shape[0])]
@@ -283,14 +284,15 @@ def measure_training(runner: Runner, size: BenchSize, stage: int, ours, ours_s2,
 
             def cached(model=model, cache=cache, text=text):  # reading the memory-mapped features is timed
                 features = cache.load(names).to(device)
-                return model(**text, image_features=features, use_cache=False).loss
+                return model(**text, image_features=features, use_cache=False, supervised_only=True).loss
 
             contenders[key] = train_step(cached)
     if ablations:
         contenders["ours_full_logits"] = train_step(lambda: _full_logits_loss(ours, batch_d))
         text_d = {k: v for k, v in batch_d.items() if k != "pixel_values"}
         contenders["ours_whole_tower"] = train_step(lambda: ours(
-            **text_d, image_features=_whole_tower_features(ours, batch_d["pixel_values"]), use_cache=False).loss)
+            **text_d, image_features=_whole_tower_features(ours, batch_d["pixel_values"]), use_cache=False,
+            supervised_only=True).loss)
     ours.train(), ours_s2.train(), peer.train()
     results = runner.alternate(contenders, size.warmup, size.repeats)
     tokens = int(batch["attention_mask"].sum())

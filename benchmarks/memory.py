@@ -26,7 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from benchmarks.sizes import _sample, bench_size
+from benchmarks.sizes import BENCH_IMAGE_TOKEN_ID, _sample, bench_size
 from llava_jp.presets.builder import build_config, load_preset
 from llava_jp.core.modeling import LlavaJpForConditionalGeneration
 
@@ -96,6 +96,7 @@ def memory_step(device: torch.device, precision: str, seq_len: int = 1532,
                       mixed_precision="bf16", optimizer="adamw_8bit", gradient_checkpointing=True)
     torch.manual_seed(0)
     model = LlavaJpForConditionalGeneration(build_config(preset, pretrained=False))
+    model.set_image_token(BENCH_IMAGE_TOKEN_ID)
     prepare_for_training(model, cfg)
     model.to(device).train()
     optimizer = build_optimizer(model, cfg)
@@ -112,7 +113,7 @@ def memory_step(device: torch.device, precision: str, seq_len: int = 1532,
     start = time.perf_counter()
     with tracker:
         with autocast:
-            loss = model(**batch, use_cache=False).loss
+            loss = model(**batch, use_cache=False, supervised_only=True).loss
         live["after_forward"] = tracker.live / GIB
         loss.backward()
         live["after_backward"] = tracker.live / GIB

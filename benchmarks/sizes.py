@@ -65,6 +65,10 @@ def bench_size(name: str) -> BenchSize:
     raise ValueError(f"unknown bench size {name!r}; expected mid, full or tiny")
 
 
+# the bench models' `<image>`: a row below the ids `_tokens` draws (text ids are >= 100)
+BENCH_IMAGE_TOKEN_ID = 1
+
+
 def _tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(100, vocab) for _ in range(n)]
 

@@ -19,8 +19,9 @@ class LlavaJpConfig(PreTrainedConfig):
     s2_scales: image sizes of the S2 scales, smallest first (None = single scale).
     s2_split_size: crop size for S2 (None = the vision tower's input size).
     projector_type: "linear" or "mlpNx_gelu".
-    image_token_id: placeholder id the processor writes for each image token; negative by
-        default so it lies outside every vocabulary and the LM's embeddings never change.
+    image_token_id: the tokenizer's `<image>` id, which the processor writes once per image
+        token (set from the processor by `set_image_token`; None until then). Configs saved
+        before `<image>` was a tokenizer token hold -200 and are converted on load.
     vision_layout: "default", or "llava-jp-v1.1-compat" for imported predecessor checkpoints.
     """
 
@@ -37,7 +38,7 @@ class LlavaJpConfig(PreTrainedConfig):
     s2_scales: list[int] | None = None
     s2_split_size: int | None = None
     projector_type: str = "mlp2x_gelu"
-    image_token_id: int = -200
+    image_token_id: int | None = None
     vision_layout: str = "default"
     tie_word_embeddings: bool = False
 

@@ -1,4 +1,4 @@
-"""`LlavaJpProcessor`: (conversation, images) -> input_ids, attention_mask, labels, pixel_values."""
+"""`LlavaJpProcessor`: (conversation or prompt, images) -> input_ids, attention_mask, labels, pixel_values."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from transformers import ProcessorMixin
+from transformers import BatchFeature, ProcessorMixin
+from transformers.image_utils import load_image as transformers_load_image
+from transformers.processing_utils import MultiModalData
 
 from .modeling import IGNORE_INDEX
-from .templates import IMAGE_MARKER, Segment, get_template
+from .templates import IMAGE_MARKER, add_image_token, content_text, get_template
 from .vision import DEFAULT_LAYOUT, LLAVA_JP_V1_1_LAYOUT
 
 ImageLike = Image.Image | str | os.PathLike
@@ -122,20 +124,34 @@ def _check_encodable(text: str) -> None:
         raise ValueError(f"text is not valid Unicode ({err.reason} at character {err.start}): {text[:40]!r}") from None
 
 
-class LlavaJpProcessor(ProcessorMixin):
-    """Turns conversations and images into model inputs.
+# keyword arguments transformers' callers (pipelines, apply_chat_template) pass that change nothing
+# here: batches are always padded, the template adds the special tokens it needs
+_ACCEPTED_NOOP_KWARGS = {"padding", "add_special_tokens", "return_attention_mask", "legacy"}
 
-    Each `<image>` in a user turn becomes `num_image_tokens` copies of `image_token_id`.
-    Text is tokenized segment by segment (context, answer, context, ...), so the supervised
-    tokens of every answer are exactly `tokenizer(answer) + [eos]`: a label/answer mismatch
-    cannot happen, whatever the tokenizer does at segment boundaries. Inference prompts are
-    built by the same function, so training and generation see identical token sequences.
+
+class LlavaJpProcessor(ProcessorMixin):
+    """Turns conversations, or prompts, and images into model inputs (a `BatchFeature`).
+
+    Each `<image>` (a special token of the tokenizer, `image_token` / `image_token_id`) becomes
+    `num_image_tokens` copies of `image_token_id`. Text is tokenized segment by segment
+    (context, answer, context, ...), so the supervised tokens of every answer are exactly
+    `tokenizer(answer) + [eos]` (**where labels are masked**: `encode_conversation`); a
+    label/answer mismatch cannot happen, whatever the tokenizer does at segment boundaries.
+    Prompts for generation go through the same function, so training and generation see
+    identical token sequences.
+
+    `text` may be a prompt rendered by `apply_chat_template` (it starts with the template's
+    system text and user prefix; it is parsed back into messages, never wrapped again) or a
+    bare question, which is wrapped as one user turn (`<image>\n` is put in front when an
+    image is given and the question has no `<image>`).
 
     prompt_layout "llava-jp-v1.1-compat" (set by `llava-jp import-llava-jp` only) reproduces the
     predecessor's prompts: it tokenized the text before each `<image>` as its own chunk with
     the tokenizer's default special tokens, so whatever the tokenizer appends (llm-jp v1's end
     token) comes right before the image features.
     """
+
+    image_token = IMAGE_MARKER
 
     def __init__(
         self,
@@ -144,22 +160,29 @@ class LlavaJpProcessor(ProcessorMixin):
         chat_template=None,
         template: str = "llm-jp-v1",
         num_image_tokens: int = 729,
-        image_token_id: int = -200,
         pad_to_square: bool = True,
         prompt_layout: str = DEFAULT_LAYOUT,
+        image_token_id: int | None = None,
         **kwargs,
     ):
+        """`image_token_id` is ignored: the id is the tokenizer's `<image>`, added here when the
+        tokenizer lacks it (processors saved before it was a token stored -200)."""
         if prompt_layout not in PROMPT_LAYOUTS:
             raise ValueError(f"prompt_layout: expected one of {PROMPT_LAYOUTS}, got {prompt_layout!r}")
         self.prompt_layout = prompt_layout
         self.template = template
         self.num_image_tokens = num_image_tokens
-        self.image_token_id = image_token_id
         self.pad_to_square = pad_to_square
         get_template(template)
-        if chat_template is None:
+        if chat_template is None or IMAGE_MARKER not in chat_template:
+            # earlier versions saved a template for string content only
             chat_template = get_template(template).jinja()
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        self._image_token_id = add_image_token(tokenizer) if tokenizer is not None else None
+
+    @property
+    def image_token_id(self) -> int:
+        return self._image_token_id
 
     # -- images ------------------------------------------------------------------------------
     def preprocess_images(self, images: Sequence[ImageLike]) -> torch.Tensor:
@@ -167,6 +190,8 @@ class LlavaJpProcessor(ProcessorMixin):
         prepared = []
         fill = tuple(int(round(255 * m)) for m in self.image_processor.image_mean)
         for image in images:
+            if isinstance(image, str) and image.startswith(("http://", "https://")):
+                image = transformers_load_image(image)  # as every transformers processor does
             image = load_image(image)
             if max(image.size) > MAX_PREPROCESS_SIDE:
                 image = image.copy()
@@ -175,6 +200,14 @@ class LlavaJpProcessor(ProcessorMixin):
                 image = expand_to_square(image, fill)
             prepared.append(image)
         return self.image_processor(prepared, return_tensors="pt")["pixel_values"]
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """Placeholder tokens per image for images of the given (height, width) sizes: always
+        `num_image_tokens` (every image is padded and resized to one square). vLLM asks this."""
+        if image_sizes is None:
+            return MultiModalData()
+        return MultiModalData(num_image_tokens=[self.num_image_tokens] * len(image_sizes),
+                              num_image_patches=[1] * len(image_sizes))
 
     # -- text --------------------------------------------------------------------------------
     def _special_prefix(self) -> list[int]:
@@ -208,8 +241,8 @@ class LlavaJpProcessor(ProcessorMixin):
         texts = [seg.text for seg in segments if seg.kind != "image"]
         for text in texts:
             _check_encodable(text)
-        # special-token strings typed in the text ("<EOD|LLM-jp>", "<s>") stay text: a user
-        # cannot end a turn or forge a conversation by typing them
+        # special-token strings typed in the text ("<EOD|LLM-jp>", "<s>", "<image>") stay text: a
+        # user cannot end a turn or forge a conversation or an image by typing them
         encoded = iter(self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
                        if texts else [])
         eos = self.tokenizer.eos_token_id
@@ -236,6 +269,16 @@ class LlavaJpProcessor(ProcessorMixin):
                 labels += [IGNORE_INDEX] * len(ids)
         return {"input_ids": input_ids, "labels": labels}
 
+    def prompt_messages(self, text: str, has_image: bool) -> tuple[list[dict], bool]:
+        """`text` as messages: a rendered prompt parsed back (see the class docstring), or a
+        question wrapped as one user turn. Returns (messages, ends with the generation prompt)."""
+        template = get_template(self.template)
+        if template.prompt_prefix and text.startswith(template.prompt_prefix):
+            return template.parse(text, self.tokenizer.eos_token or "")
+        if has_image and IMAGE_MARKER not in text:
+            text = IMAGE_MARKER + "\n" + text
+        return [{"role": "user", "content": text}], True
+
     def pad(self, features: list[dict], padding_side: str = "right") -> dict[str, torch.Tensor]:
         """Pad a list of encoded samples into a batch (`labels` only where every sample has them)."""
         pad_id = self.tokenizer.pad_token_id
@@ -258,49 +301,115 @@ class LlavaJpProcessor(ProcessorMixin):
 
     def __call__(
         self,
-        images: ImageLike | Sequence[ImageLike | None] | None = None,
+        images: ImageLike | Sequence | None = None,
         text: str | Sequence[str] | None = None,
         conversations: list[dict] | Sequence[list[dict]] | None = None,
         add_generation_prompt: bool | None = None,
         padding_side: str | None = None,
+        return_tensors: str | None = "pt",
+        return_mm_token_type_ids: bool = False,
+        return_text_replacement_offsets: bool = False,
         **kwargs,
-    ) -> dict[str, torch.Tensor]:
-        """Batch inputs for the model.
+    ) -> BatchFeature:
+        """Batch inputs for the model, as a `BatchFeature`.
 
-        text: user question(s) for one-turn prompts (`<image>` is prepended when an image is
-            given and the text has no marker); implies `add_generation_prompt`.
-        conversations: normalised message lists; with assistant answers they give `labels`.
-        images: one image per `<image>` marker, in order (None entries for text-only samples).
+        text: prompt(s) rendered by `apply_chat_template`, or bare question(s) (class docstring).
+            Texts with an answer after the last user turn give `labels`.
+        conversations: message lists (string or list content); with assistant answers they give
+            `labels`; `add_generation_prompt` ends them with the assistant prefix.
+        images: one image per `<image>`, in order: a flat list over the batch, one list per
+            sample, or (for questions) one entry per text, None for a text-only sample.
+        return_mm_token_type_ids / return_text_replacement_offsets: what vLLM asks for to find
+            each image's placeholder run (token types 1 = image; character spans of each `<image>`
+            in the prompt and of its expansion).
         Prompts for generation are left-padded by default, training batches right-padded.
         """
+        for modality in ("videos", "audio"):
+            if kwargs.pop(modality, None) is not None:
+                raise ValueError(f"LlavaJpProcessor takes images and text only, not {modality}")
+        unknown = sorted(set(kwargs) - _ACCEPTED_NOOP_KWARGS)
+        if unknown:
+            raise TypeError(f"LlavaJpProcessor got unexpected keyword argument(s) {unknown}")
         if (text is None) == (conversations is None):
             raise ValueError("pass exactly one of `text` or `conversations`")
-        single = isinstance(text, str) or (conversations is not None and conversations and isinstance(conversations[0], dict))
-        if images is not None and (isinstance(images, (Image.Image, str, os.PathLike))):
-            images = [images]
         if text is not None:
             texts = [text] if isinstance(text, str) else list(text)
-            image_list = list(images) if images is not None else [None] * len(texts)
-            if len(image_list) != len(texts):
-                raise ValueError(f"got {len(texts)} texts but {len(image_list)} images")
-            conversations = [
-                [{"role": "user", "content": (IMAGE_MARKER + "\n" + t) if im is not None and IMAGE_MARKER not in t else t}]
-                for t, im in zip(texts, image_list)
-            ]
-            add_generation_prompt = True if add_generation_prompt is None else add_generation_prompt
+            per_sample = _images_per_sample(images, [t.count(IMAGE_MARKER) for t in texts])
+            parsed = [self.prompt_messages(t, bool(ims)) for t, ims in zip(texts, per_sample)]
+            conversations = [messages for messages, _ in parsed]
+            generation = [gen for _, gen in parsed]
         else:
+            single = bool(conversations) and isinstance(conversations[0], dict)
             conversations = [conversations] if single else list(conversations)
-            image_list = list(images) if images is not None else []
-        add_generation_prompt = bool(add_generation_prompt)
-        features = [self.encode_conversation(c, add_generation_prompt) for c in conversations]
-        wanted = sum(sum(m["content"].count(IMAGE_MARKER) for m in c if m["role"] == "user") for c in conversations)
-        given = [im for im in image_list if im is not None]
-        if wanted != len(given):
-            raise ValueError(f"the conversations have {wanted} <image> markers but {len(given)} images were given")
-        if add_generation_prompt:
-            for f in features:
+            markers = [sum(content_text(m["content"]).count(IMAGE_MARKER) for m in c if m["role"] == "user")
+                       for c in conversations]
+            per_sample = _images_per_sample(images, markers)
+            generation = [bool(add_generation_prompt)] * len(conversations)
+        wanted = [sum(content_text(m["content"]).count(IMAGE_MARKER) for m in c if m["role"] == "user")
+                  for c in conversations]
+        if wanted != [len(ims) for ims in per_sample]:
+            raise ValueError(f"the conversations have {sum(wanted)} <image> markers but "
+                             f"{sum(len(ims) for ims in per_sample)} images were given (one image per <image>)")
+        features = [self.encode_conversation(c, g) for c, g in zip(conversations, generation)]
+        for f, g in zip(features, generation):
+            if g:
                 f.pop("labels")
-        batch = self.pad(features, padding_side or ("left" if add_generation_prompt else "right"))
+        given = [im for ims in per_sample for im in ims]
+        batch = self.pad(features, padding_side or ("left" if any(generation) else "right"))
         if given:
             batch["pixel_values"] = self.preprocess_images(given)
-        return batch
+        if return_mm_token_type_ids:
+            batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).long()
+        if return_text_replacement_offsets:
+            template = get_template(self.template)
+            eos = self.tokenizer.eos_token or ""
+            rendered = [template.render(c, eos, add_generation_prompt=g) for c, g in zip(conversations, generation)]
+            batch["text_replacement_offsets"] = [self._replacement_offsets(r) for r in rendered]
+        if return_tensors is None:
+            batch = {k: v.tolist() if isinstance(v, torch.Tensor) and k != "pixel_values" else v
+                     for k, v in batch.items()}
+        elif return_tensors != "pt":
+            raise ValueError(f"return_tensors: only 'pt' (or None) is supported, got {return_tensors!r}")
+        return BatchFeature(batch)
+
+    def _replacement_offsets(self, text: str) -> list[dict]:
+        """Where each `<image>` of `text` is and where its expansion lands (transformers' format)."""
+        offsets, shift, replacement = [], 0, IMAGE_MARKER * self.num_image_tokens
+        start = text.find(IMAGE_MARKER)
+        while start >= 0:
+            end = start + len(IMAGE_MARKER)
+            offsets.append({"type": "image", "span": (start, end), "new_span": (start + shift, start + shift + len(replacement)),
+                            "text": IMAGE_MARKER, "replacement": replacement})
+            shift += len(replacement) - len(IMAGE_MARKER)
+            start = text.find(IMAGE_MARKER, end)
+        return offsets
+
+
+def _images_per_sample(images, markers: list[int]) -> list[list]:
+    """Images grouped by sample. Accepted: None, one image, one list per sample, a flat list in
+    marker order, or (when some sample has no `<image>`, i.e. questions) one entry per sample with
+    None for text-only samples."""
+    if images is None:
+        return [[] for _ in markers]
+    if isinstance(images, (Image.Image, str, os.PathLike)):
+        images = [images]
+    images = list(images)
+    if images and all(isinstance(im, (list, tuple)) for im in images):
+        if len(images) != len(markers):
+            raise ValueError(f"got {len(markers)} texts but image lists for {len(images)}")
+        return [list(im) for im in images]
+    if all(markers) or not any(im is None for im in images) and len(images) != len(markers):
+        flat = [im for im in images if im is not None]
+        if len(flat) != sum(markers):
+            raise ValueError(f"the prompts have {sum(markers)} <image> markers but {len(flat)} images were given")
+        grouped, it = [], iter(flat)
+        for n in markers:
+            grouped.append([next(it) for _ in range(n)])
+        return grouped
+    if len(images) != len(markers):
+        raise ValueError(f"got {len(markers)} texts but {len(images)} images")
+    grouped = [[im] if im is not None else [] for im in images]
+    for i, (ims, n) in enumerate(zip(grouped, markers)):
+        if n and len(ims) != n:
+            raise ValueError(f"sample {i}: {n} <image> markers but {len(ims)} images were given")
+    return grouped

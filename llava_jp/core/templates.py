@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenizers import AddedToken
+
 IMAGE_MARKER = "<image>"
+# list content ([{"type": "image"}, {"type": "text", "text": ...}]) joins its items with this,
+# so the standard transformers message format renders as LLaVA-format "<image>\n{question}"
+CONTENT_ITEM_SEPARATOR = "\n"
 
 LLM_JP_V1_SYSTEM = (
     "これは好奇心旺盛なユーザーと人工知能システムのチャットです。"
@@ -67,7 +72,7 @@ class Template:
                 if i > 0:
                     context += self.turn_separator
                 context += self.user_prefix
-                pieces = message["content"].split(IMAGE_MARKER)
+                pieces = content_text(message["content"]).split(IMAGE_MARKER)
                 for j, piece in enumerate(pieces):
                     if j > 0:
                         out.extend(_flush(context))
@@ -78,7 +83,7 @@ class Template:
             else:
                 out.extend(_flush(context))
                 context = ""
-                out.append(Segment("answer", message["content"]))
+                out.append(Segment("answer", content_text(message["content"])))
         if messages[-1]["role"] == "user":
             if not add_generation_prompt:
                 raise ValueError("conversation ends with a user turn; pass add_generation_prompt=True")
@@ -98,23 +103,95 @@ class Template:
         return "".join(parts)
 
     def jinja(self) -> str:
-        """A Jinja chat template equivalent to `render` (messages with string content)."""
-        sys_text = self.system.replace("'", "\\'")
+        """A Jinja chat template equivalent to `render`: string content, or list content whose
+        image items render as `<image>` and whose items are joined by a newline (`content_text`)."""
+        sys_text = _jinja_escape(self.system)
+        sep = _jinja_escape(CONTENT_ITEM_SEPARATOR)
+        content = (
+            "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+            "{% for item in m['content'] %}{% if not loop.first %}{{ '" + sep + "' }}{% endif %}"
+            "{% if item['type'] == 'image' %}{{ '" + IMAGE_MARKER + "' }}{% else %}{{ item['text'] }}{% endif %}"
+            "{% endfor %}{% endif %}"
+        )
         return (
             "{{ '" + sys_text + "' }}"
             "{% for m in messages %}"
             "{% if m['role'] == 'user' %}"
-            "{% if not loop.first %}{{ '" + self.turn_separator + "' }}{% endif %}"
-            "{{ '" + self.user_prefix + "' + m['content'] + '" + _jinja_escape(self.assistant_prefix) + "' }}"
+            "{% if not loop.first %}{{ '" + _jinja_escape(self.turn_separator) + "' }}{% endif %}"
+            "{{ '" + _jinja_escape(self.user_prefix) + "' }}" + content + "{{ '" + _jinja_escape(self.assistant_prefix) + "' }}"
             "{% else %}"
-            "{{ m['content'] }}" + ("{{ eos_token }}" if self.append_end_token else "") +
+            + content + ("{{ eos_token }}" if self.append_end_token else "") +
             "{% endif %}"
             "{% endfor %}"
         )
 
+    @property
+    def prompt_prefix(self) -> str:
+        """How every rendered conversation starts (empty for templates without system text or prefixes)."""
+        return self.system + self.user_prefix
+
+    def parse(self, text: str, eos_token: str) -> tuple[list[dict], bool]:
+        """Inverse of `render`: a rendered conversation -> (messages, ends with the generation prompt).
+
+        Raises ValueError when `text` does not follow this template (re-rendering the parsed
+        messages must give `text` back exactly).
+        """
+        prefix = self.prompt_prefix
+        if not prefix or not text.startswith(self.system):
+            raise ValueError(f"text does not start with the {self.name!r} template's system text")
+        end = eos_token if self.append_end_token else ""
+        rest, messages, generation_prompt = text[len(self.system):], [], False
+        while True:
+            if messages:
+                if not rest.startswith(self.turn_separator):
+                    break
+                rest = rest[len(self.turn_separator):]
+            if not rest.startswith(self.user_prefix):
+                break
+            rest = rest[len(self.user_prefix):]
+            cut = rest.find(self.assistant_prefix) if self.assistant_prefix else len(rest)
+            if cut < 0:
+                break
+            messages.append({"role": "user", "content": rest[:cut]})
+            rest = rest[cut + len(self.assistant_prefix):]
+            if not rest:
+                generation_prompt = True
+                break
+            cut = rest.find(end) if end else -1
+            if cut < 0:
+                break
+            messages.append({"role": "assistant", "content": rest[:cut]})
+            rest = rest[cut + len(end):]
+            if not rest:
+                break
+        if not messages or self.render(messages, eos_token, add_generation_prompt=generation_prompt) != text:
+            raise ValueError(f"text starts like a {self.name!r} prompt but does not follow the template; pass "
+                             "a prompt rendered by apply_chat_template, or just the question")
+        return messages, generation_prompt
+
 
 def _jinja_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+
+
+def content_text(content) -> str:
+    """Message content as text: a string as is; list content (transformers' message format) with
+    each image item as `<image>` and text items' text, joined by `CONTENT_ITEM_SEPARATOR`."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, (list, tuple)):
+        raise ValueError(f"message content must be a string or a list of items, got {type(content).__name__}")
+    parts = []
+    for i, item in enumerate(content):
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "image":
+            parts.append(IMAGE_MARKER)
+        elif kind == "text" and isinstance(item.get("text"), str):
+            parts.append(item["text"])
+        else:
+            raise ValueError(f"content item {i}: expected {{'type': 'image'}} or {{'type': 'text', 'text': str}}, "
+                             f"got {item!r}"[:200])
+    return CONTENT_ITEM_SEPARATOR.join(parts)
 
 
 def _flush(context: str) -> list[Segment]:
@@ -168,6 +245,11 @@ def normalize_conversation(raw: list[dict], sample_id: object = None) -> list[di
         content = turn.get("value", turn.get("content"))
         if role not in _ROLE_ALIASES:
             raise ValueError(f"{where}turn {i}: unknown role {role!r} (known: {sorted(_ROLE_ALIASES)})")
+        if isinstance(content, (list, tuple)):
+            try:
+                content = content_text(content)
+            except ValueError as err:
+                raise ValueError(f"{where}turn {i}: {err}") from None
         if not isinstance(content, str):
             raise ValueError(f"{where}turn {i}: text must be a string, got {type(content).__name__}")
         messages.append({"role": _ROLE_ALIASES[role], "content": content})
@@ -225,3 +307,15 @@ def conversation_issues(raw, n_images: int) -> list[tuple[str, str]]:
         issues.append(("image_tag_mismatch", f"{n_images} image(s) but {user_tags} {IMAGE_MARKER} "
                        f"in user turns and {answer_tags} in answers"))
     return issues
+
+
+def add_image_token(tokenizer) -> int:
+    """Make `<image>` a special token of `tokenizer` (if it is not one yet); returns its id.
+
+    A new token takes the next free id (`len(tokenizer)`): for llm-jp-1.3b that is 50570, one of
+    the spare rows of its 50688-row embedding. `model.set_image_token` grows the embedding when
+    the LM has no spare row.
+    """
+    if IMAGE_MARKER not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(IMAGE_MARKER, special=True, normalized=False)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(IMAGE_MARKER)

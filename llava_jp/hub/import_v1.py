@@ -260,10 +260,10 @@ def convert(
         tokenizer=tok,
         template="llm-jp-v1",
         num_image_tokens=model.num_image_tokens,
-        image_token_id=config.image_token_id,
         pad_to_square=predecessor.get("image_aspect_ratio", "square") == "pad",
         prompt_layout=LLAVA_JP_V1_1_LAYOUT,
     )
+    model.set_image_token(processor.image_token_id)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return model.eval(), processor

@@ -1,9 +1,10 @@
 """`llava-jp release`: a hub-ready folder that loads with plain transformers, checked before upload.
 
 The folder holds safetensors weights (sharded above `--max-shard-size`), config.json with an
-`auto_map`, the tokenizer, the processor config (image processor nested), the chat template,
-generation_config.json, README.md, and the model code as flat remote-code modules generated
-from this package's source at release time (one source of truth). A fresh Python process that
+`auto_map` (AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor), the tokenizer
+(with `<image>`), the processor config (image processor nested), the chat template,
+generation_config.json, README.md, and llava_jp/core/'s modules as the remote code, copied by
+transformers' own `save_pretrained` (one source of truth). A fresh Python process that
 cannot import llava_jp then loads the folder through the Auto classes with
 `trust_remote_code=True` and must reproduce the source model's greedy tokens and logits
 exactly (fp32, CPU). `--push` uploads only after that check passes.
@@ -12,6 +13,7 @@ exactly (fp32, CPU). `--push` uploads only after that check passes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -29,29 +31,20 @@ from llava_jp import __version__
 from llava_jp.hub import probe as release_probe
 from llava_jp.presets.builder import count_parameters
 from llava_jp.hub.card import CardInfo, load_scores, render_model_card
+from llava_jp.core.configuration import LlavaJpConfig
 from llava_jp.core.modeling import LlavaJpForConditionalGeneration
 from llava_jp.core.processing import LlavaJpProcessor
 from llava_jp.core.templates import IMAGE_MARKER, get_template
 
-PACKAGE_DIR = Path(__file__).resolve().parent.parent / "core"
-# package module -> remote-code module in the release, in dependency order
-REMOTE_MODULES = {
-    "configuration": "configuration_llava_jp",
-    "projector": "projector_llava_jp",
-    "vision": "vision_llava_jp",
-    "modeling": "modeling_llava_jp",
-    "templates": "templates_llava_jp",
-    "processing": "processing_llava_jp",
-}
 AUTO_MAP = {
-    "AutoConfig": "configuration_llava_jp.LlavaJpConfig",
-    "AutoModelForImageTextToText": "modeling_llava_jp.LlavaJpForConditionalGeneration",
-    "AutoProcessor": "processing_llava_jp.LlavaJpProcessor",
+    "AutoConfig": "configuration.LlavaJpConfig",
+    "AutoModel": "modeling.LlavaJpModel",
+    "AutoModelForImageTextToText": "modeling.LlavaJpForConditionalGeneration",
+    "AutoProcessor": "processing.LlavaJpProcessor",
 }
+# every module of llava_jp/core/ but its __init__: what transformers copies next to the weights
+REMOTE_CODE = ("configuration.py", "modeling.py", "processing.py", "projector.py", "templates.py", "vision.py")
 PROBE_QUESTION = "この画像について説明してください。"
-_FROM_MODULE = re.compile(r"^(\s*)from \.(\w+) import (.+)$")
-_FROM_PACKAGE = re.compile(r"^(\s*)from \. import (.+)$")
-_ABSOLUTE = re.compile(r"^\s*(from|import)\s+llava_jp\b")
 
 
 class ReleaseError(RuntimeError):
@@ -59,56 +52,40 @@ class ReleaseError(RuntimeError):
 
 
 # -- remote code ---------------------------------------------------------------------------
-def _remote_name(module: str, source: str) -> str:
-    if module not in REMOTE_MODULES:
-        raise ReleaseError(f"llava_jp/{source}.py imports .{module}, which is not shipped as remote code; "
-                           f"add it to release.REMOTE_MODULES")
-    return REMOTE_MODULES[module]
+@contextlib.contextmanager
+def _registered_for_auto_classes():
+    """Register the core classes for their Auto classes only while the release is written: a
+    registration is process-wide and would make every later `save_pretrained` ship code."""
+    classes = {LlavaJpConfig: "AutoConfig", LlavaJpForConditionalGeneration: "AutoModelForImageTextToText",
+               LlavaJpProcessor: "AutoProcessor"}
+    for cls, auto_class in classes.items():
+        cls.register_for_auto_class(auto_class)
+    try:
+        yield
+    finally:
+        for cls in classes:
+            cls._auto_class = None
 
 
-def remote_module_source(module: str) -> str:
-    """llava_jp/<module>.py with its package imports rewritten to the flat release modules.
-
-    `from .x import y` -> `from .x_llava_jp import y`; `from . import x` -> `from . import
-    x_llava_jp as x` plus a `from .x_llava_jp import ...` line, the form transformers scans for
-    to know which files a remote module needs.
-    """
-    lines = []
-    for line in (PACKAGE_DIR / f"{module}.py").read_text(encoding="utf-8").splitlines():
-        if _ABSOLUTE.match(line):
-            raise ReleaseError(f"llava_jp/{module}.py imports llava_jp absolutely; remote code needs relative imports")
-        if match := _FROM_MODULE.match(line):
-            indent, name, names = match.groups()
-            line = f"{indent}from .{_remote_name(name, module)} import {names}"
-        elif match := _FROM_PACKAGE.match(line):
-            indent, names = match.groups()
-            line = ""
-            for name in (n.strip() for n in names.split(",")):
-                remote = _remote_name(name, module)
-                line += (f"{indent}from . import {remote} as {name}\n"
-                         f"{indent}from .{remote} import __name__ as _{name}_module  # tells transformers to ship it\n")
-            line = line.rstrip("\n")
-        lines.append(line)
-    header = f"# Generated by `llava-jp release` (llava-jp {__version__}) from llava_jp/{module}.py; edit that file instead.\n"
-    return header + "\n".join(lines) + "\n"
-
-
-def write_remote_code(out: Path) -> list[str]:
-    """Write every remote-code module into `out`; returns the file names."""
-    names = []
-    for module, remote in REMOTE_MODULES.items():
-        (out / f"{remote}.py").write_text(remote_module_source(module), encoding="utf-8")
-        names.append(f"{remote}.py")
-    return names
-
-
-def add_auto_map(out: Path) -> None:
-    """Point config.json and processor_config.json at the remote-code classes."""
-    for name, keys in (("config.json", AUTO_MAP), ("processor_config.json", ["AutoProcessor"])):
-        path = out / name
-        data = json.loads(path.read_text(encoding="utf-8"))
-        data["auto_map"] = {k: AUTO_MAP[k] for k in keys}
-        path.write_text(json.dumps(data, ensure_ascii=False, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+def save_release_files(model: LlavaJpForConditionalGeneration, processor: LlavaJpProcessor, out: Path,
+                       max_shard_size: str | int = "5GB") -> None:
+    """Weights, configs, tokenizer and llava_jp/core/ as remote code, through transformers' own
+    mechanism (`register_for_auto_class` + `save_pretrained` copy each class's module and its
+    relative imports, and write `auto_map`). transformers maps one Auto class per class, so the
+    base model's `AutoModel` entry is added to the same `auto_map` by hand."""
+    model.config.auto_map = {"AutoModel": AUTO_MAP["AutoModel"]}
+    try:
+        with _registered_for_auto_classes():
+            model.save_pretrained(out, max_shard_size=max_shard_size)
+            processor.save_pretrained(out)
+    finally:
+        model.config.auto_map = None
+    missing = [name for name in REMOTE_CODE if not (out / name).exists()]
+    written = {**json.loads((out / "config.json").read_text(encoding="utf-8")).get("auto_map", {}),
+               **json.loads((out / "processor_config.json").read_text(encoding="utf-8")).get("auto_map", {})}
+    if missing or written != AUTO_MAP:
+        raise ReleaseError(f"transformers did not write the remote code as expected: missing {missing}, "
+                           f"auto_map {written}")
 
 
 # -- card ----------------------------------------------------------------------------------
@@ -175,8 +152,10 @@ def verify_release(source: str | Path, release_dir: str | Path, max_new_tokens: 
     same_prompt = torch.equal(expected["prompt_ids"], got["prompt_ids"])
     same_tokens = torch.equal(expected["tokens"], got["tokens"])
     diff = (expected["logits"] - got["logits"]).abs().max().item() if expected["logits"].shape == got["logits"].shape else float("inf")
+    idioms_hold = bool(loaded["idioms"]) and all(loaded["idioms"].values())
     return {
-        "passed": same_prompt and same_tokens and diff == 0.0 and not loaded["llava_jp_imported"],
+        "passed": same_prompt and same_tokens and diff == 0.0 and not loaded["llava_jp_imported"] and idioms_hold
+        and not loaded["deprecation_warnings"],
         "same_prompt_ids": same_prompt,
         "same_tokens": same_tokens,
         "tokens": int(expected["tokens"].numel()),
@@ -233,10 +212,7 @@ def release(
     model = LlavaJpForConditionalGeneration.from_pretrained(model_dir)
     processor = LlavaJpProcessor.from_pretrained(model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, max_shard_size=max_shard_size)
-    processor.save_pretrained(out)
-    write_remote_code(out)
-    add_auto_map(out)
+    save_release_files(model, processor, out, max_shard_size)
     summary = model_summary(model, processor)
     base_models = list(base_models) if base_models else default_base_models(model)
     del model  # verification loads fp32 copies; keep at most one in memory at a time

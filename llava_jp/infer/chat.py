@@ -243,8 +243,7 @@ class Turn:
         processor, model = session.processor, session.model
         images = [session.image] if session.image is not None else None
         messages = session.prompt_messages(self.history, self.question)
-        batch = processor(conversations=messages, images=images, add_generation_prompt=True)
-        batch = {k: v.to(model.device) for k, v in batch.items()}
+        batch = processor(conversations=messages, images=images, add_generation_prompt=True).to(model.device)
         streamer = JapaneseTextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop = threading.Event()
         errors: list[BaseException] = []

@@ -19,8 +19,8 @@ def generate_answers(
 
     Prompts are left-padded; decoding is greedy unless `gen_kwargs` says otherwise.
     """
-    batch = processor(text=list(questions), images=list(images))
-    batch = {k: v.to(model.device) for k, v in batch.items()}
+    batch = processor(text=list(questions), images=list(images)).to(model.device)
     gen_kwargs.setdefault("do_sample", False)
-    new_tokens = model.generate(**batch, max_new_tokens=max_new_tokens, **gen_kwargs)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, **gen_kwargs)
+    new_tokens = out[:, batch["input_ids"].shape[1]:]  # generate returns prompt + new tokens
     return [t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True)]

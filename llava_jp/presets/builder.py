@@ -20,7 +20,7 @@ from transformers import (
 from llava_jp.core.configuration import LlavaJpConfig
 from llava_jp.core.modeling import LlavaJpForConditionalGeneration
 from llava_jp.core.processing import LlavaJpProcessor
-from llava_jp.core.templates import get_template
+from llava_jp.core.templates import add_image_token, get_template
 from llava_jp.presets.tokenizers import build_bpe_tokenizer, build_char_tokenizer
 
 PRESET_DIR = Path(__file__).parent
@@ -127,8 +127,9 @@ def build_config(preset: Preset, pretrained: bool = False, tokenizer=None) -> Ll
     """The `LlavaJpConfig` a preset describes (no weights touched).
 
     A randomly initialised LM takes its vocabulary size and special token ids from the
-    tokenizer unless the preset's config sets them.
+    tokenizer unless the preset's config sets them; a given tokenizer gets `<image>` first.
     """
+    image_token_id = add_image_token(tokenizer) if tokenizer is not None else None
     lm = preset.language_model
     if pretrained and lm.name_or_path:
         text_config = AutoConfig.from_pretrained(lm.name_or_path)
@@ -146,6 +147,7 @@ def build_config(preset: Preset, pretrained: bool = False, tokenizer=None) -> Ll
         s2_scales=preset.vision.s2_scales,
         s2_split_size=preset.vision.s2_split_size,
         projector_type=preset.projector,
+        image_token_id=image_token_id,
     )
 
 
@@ -161,7 +163,6 @@ def build_processor(preset: Preset, config: LlavaJpConfig, tokenizer, num_image_
         tokenizer=tokenizer,
         template=preset.template,
         num_image_tokens=num_image_tokens,
-        image_token_id=config.image_token_id,
         pad_to_square=preset.pad_to_square,
     )
 
@@ -181,6 +182,8 @@ def build(
     if isinstance(preset, str):
         preset = load_preset(preset)
     tokenizer = load_tokenizer(preset.tokenizer)
+    own_tokens = len(tokenizer)
+    image_token_id = add_image_token(tokenizer)
     config = build_config(preset, pretrained=pretrained, tokenizer=tokenizer)
     vision_tower = language_model = None
     if pretrained and preset.vision.name_or_path:
@@ -191,14 +194,16 @@ def build(
     if dtype is not None:
         model = model.to(dtype)
     vocab = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > vocab:
+    if own_tokens > vocab:
         if not preset.resize_token_embeddings:
             raise ValueError(
-                f"tokenizer has {len(tokenizer)} tokens but the LM's embedding has {vocab} rows; "
+                f"tokenizer has {own_tokens} tokens but the LM's embedding has {vocab} rows; "
                 "set resize_token_embeddings: true in the preset to grow it"
             )
-        model.resize_token_embeddings(len(tokenizer))
+        model.resize_token_embeddings(own_tokens)
     _set_generation_tokens(model, tokenizer)
+    # `<image>` takes a spare embedding row when the LM has one (llm-jp-1.3b), else one more row
+    model.set_image_token(image_token_id)
     processor = build_processor(preset, config, tokenizer, model.num_image_tokens)
     return model, processor
 
@@ -213,7 +218,7 @@ def _set_generation_tokens(model: LlavaJpForConditionalGeneration, tokenizer) ->
 def count_parameters(preset: Preset | str | None = None, model: LlavaJpForConditionalGeneration | None = None) -> dict:
     """Parameter counts per component of a preset (built on the meta device, no weights
     allocated) or of a given model. The vision tower is counted as released, i.e. with its
-    unused last layer and pooling head.
+    unused last layer (its pooling head is not part of the model).
     """
     if model is None:
         if isinstance(preset, str):

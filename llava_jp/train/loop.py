@@ -223,7 +223,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             sync = accelerator.no_sync(model) if i < accum - 1 else nullcontext()
             with sync, accelerator.autocast():
-                summed = model(**batch, loss_reduction="sum").loss
+                summed = model(**batch, loss_reduction="sum", supervised_only=True).loss
             accelerator.backward(summed * world / max(n_global, 1))
             loss_sum += summed.detach().float()
             window["samples"] += batch["input_ids"].shape[0] * world
