@@ -26,7 +26,7 @@ def _greedy(model, processor, conversation, image, max_new_tokens=12):
     """The reference answer: the processor's prompt for `conversation`, decoded greedily."""
     batch = processor(conversations=conversation, images=[image] if image else None, add_generation_prompt=True)
     ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.decode(ids[0], skip_special_tokens=True).strip()
+    return processor.decode(ids[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def _spy_generate(monkeypatch, model) -> dict:

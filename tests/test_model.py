@@ -85,11 +85,20 @@ def _save_components(tmp_path, lm_kind="gpt2", full_siglip=False):
 def test_build_from_local_checkpoints_loads_their_weights(tmp_path, lm_kind, full_siglip):
     preset, vision_ref, lm_ref = _save_components(tmp_path, lm_kind, full_siglip)
     model, processor = build(str(preset), pretrained=True)
+    tower = model.vision_tower.state_dict()
     for name, tensor in vision_ref.state_dict().items():
-        assert torch.equal(model.vision_tower.state_dict()[name], tensor), name
+        if name.startswith("head."):  # SigLIP's pooling head is never used: dropped
+            assert name not in tower
+            continue
+        assert torch.equal(tower[name], tensor), name
+    assert not model.config.vision_config.vision_use_head
+    # this LM has no spare embedding row: `<image>` gets one more (mean-initialised) row
+    vocab = lm_ref.config.vocab_size
+    assert processor.image_token_id == vocab == model.config.image_token_id
+    assert model.language_model.get_input_embeddings().num_embeddings == vocab + 1
     for name, tensor in lm_ref.state_dict().items():
-        assert torch.equal(model.language_model.state_dict()[name], tensor), name
-    assert model.language_model.get_input_embeddings().num_embeddings == lm_ref.config.vocab_size
+        ours = model.language_model.state_dict()[name]
+        assert torch.equal(ours[:vocab] if ours.shape[0] == vocab + 1 else ours, tensor), name
     assert model.projector_input_width == 64 and model.num_image_tokens == 16
     # the assembled VLM saves and reloads as one model
     model.save_pretrained(tmp_path / "vlm")
@@ -99,7 +108,8 @@ def test_build_from_local_checkpoints_loads_their_weights(tmp_path, lm_kind, ful
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(**batch).logits, reloaded(**batch).logits, rtol=0, atol=0)
         out = reloaded.generate(**batch, max_new_tokens=4, do_sample=False)
-    assert out.shape[0] == 1 and 1 <= out.shape[1] <= 4
+    prompt_len = batch["input_ids"].shape[1]
+    assert out.shape[0] == 1 and 1 <= out.shape[1] - prompt_len <= 4
 
 
 def test_tokenizer_larger_than_vocab_is_refused(tmp_path):
@@ -156,9 +166,22 @@ def test_loss_only_counts_supervised_tokens(tiny):
         targets = batch["labels"][0, 1:]
         keep = targets != -100
         expected = torch.nn.functional.cross_entropy(full[keep], targets[keep])
-        out = model(**batch)
+        standard = model(**batch)
+        out = model(**batch, supervised_only=True)
+    torch.testing.assert_close(standard.loss, expected)
+    assert standard.logits.shape == (1, batch["input_ids"].shape[1], model.config.text_config.vocab_size)
     torch.testing.assert_close(out.loss, expected)
     assert out.logits.shape[0] == int(keep.sum()) == 2  # "赤" + end token
+
+
+def test_logits_to_keep_gives_the_last_positions(tiny):
+    model, processor = tiny
+    batch = processor(text=["何色？"], images=[RED])
+    with torch.no_grad():
+        full = model(**batch).logits
+        last = model(**batch, logits_to_keep=1).logits
+    assert last.shape == (1, 1, full.shape[-1])
+    torch.testing.assert_close(last[0, 0], full[0, -1])
 
 
 def test_greedy_generate_is_deterministic_and_batch_independent(tiny):
@@ -168,9 +191,13 @@ def test_greedy_generate_is_deterministic_and_batch_independent(tiny):
     first = model.generate(**batch, max_new_tokens=8, do_sample=False)
     second = model.generate(**batch, max_new_tokens=8, do_sample=False)
     assert torch.equal(first, second)
+    new = first[:, batch["input_ids"].shape[1]:]
     for i, (q, im) in enumerate(zip(questions, images)):
-        alone = model.generate(**processor(text=[q], images=[im]), max_new_tokens=8, do_sample=False)
-        assert torch.equal(alone[0], first[i, : alone.shape[1]])
+        one = processor(text=[q], images=[im])
+        alone = model.generate(**one, max_new_tokens=8, do_sample=False)
+        assert torch.equal(alone[0, :one["input_ids"].shape[1]], one["input_ids"][0])  # prompt + new tokens
+        alone_new = alone[0, one["input_ids"].shape[1]:]
+        assert torch.equal(alone_new, new[i, : alone_new.shape[0]])
 
 
 def test_generate_stops_at_the_end_token(tiny):
@@ -182,13 +209,29 @@ def test_generate_stops_at_the_end_token(tiny):
         lm.transformer.ln_f.bias.fill_(1.0)
         lm.lm_head.weight.zero_()
         lm.lm_head.weight[eos] = 1.0
-    out = model.generate(**processor(text=["何色？"], images=[RED]), max_new_tokens=10, do_sample=False)
-    assert out.tolist() == [[eos]]
+    batch = processor(text=["何色？"], images=[RED])
+    prompt_len = batch["input_ids"].shape[1]
+    out = model.generate(**batch, max_new_tokens=10, do_sample=False)
+    assert out[:, prompt_len:].tolist() == [[eos]]
     with torch.no_grad():
         lm.lm_head.weight[eos] = 0.0
         lm.lm_head.weight[5] = 1.0
-    out = model.generate(**processor(text=["何色？"], images=[RED]), max_new_tokens=10, do_sample=False)
-    assert out.shape == (1, 10)
+    out = model.generate(**batch, max_new_tokens=10, do_sample=False)
+    assert out.shape == (1, prompt_len + 10)
+
+
+def test_generate_never_emits_the_image_token(tiny):
+    model, processor = tiny
+    lm = model.language_model
+    with torch.no_grad():  # make `<image>` the argmax everywhere, then the end token the runner-up
+        lm.transformer.ln_f.weight.zero_()
+        lm.transformer.ln_f.bias.fill_(1.0)
+        lm.lm_head.weight.zero_()
+        lm.lm_head.weight[processor.image_token_id] = 2.0
+        lm.lm_head.weight[processor.tokenizer.eos_token_id] = 1.0
+    batch = processor(text=["何色？"], images=[RED])
+    out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert out[0, batch["input_ids"].shape[1]:].tolist() == [processor.tokenizer.eos_token_id]
 
 
 def test_generate_uses_the_kv_cache(tiny):
@@ -206,8 +249,9 @@ def test_generate_uses_the_kv_cache(tiny):
 def test_info_full_preset_matches_published_size(capsys):
     assert cli_main(["info", "--preset", "llava-jp-1.3b-s2"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert abs(info["parameters"]["total"] / 1e9 - 1.86) <= 0.005
-    assert info["total_human"] == "1.86B"
+    # the predecessor's published 1.86B counts SigLIP's pooling head (18M), which is never used
+    assert abs(info["parameters"]["total"] / 1e9 - 1.842) <= 0.001
+    assert info["total_human"] == "1.84B"
     assert info["image_tokens_per_image"] == 729 and info["projector_input_width"] == 2304
 
 

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -18,12 +19,8 @@ from transformers.dynamic_module_utils import get_relative_import_files
 from llava_jp.hub import probe as release_probe
 from llava_jp.cli import main as cli_main
 from llava_jp.hub.card import CardInfo, load_scores, render_model_card
-from llava_jp.hub.release import (
-    AUTO_MAP,
-    REMOTE_MODULES,
-    remote_module_source,
-    verify_release,
-)
+from llava_jp.core import LlavaJpConfig, LlavaJpForConditionalGeneration, LlavaJpProcessor
+from llava_jp.hub.release import AUTO_MAP, REMOTE_CODE, verify_release
 
 SCORES = {"ja-vg-vqa-500": {"rougeL": 13.3312}, "heron-bench": {"conv": 51.0, "complex": 49.5, "detail": 50.6}}
 
@@ -52,39 +49,72 @@ def test_release_loads_without_llava_jp_and_matches_the_source(released):
     assert check["tokens"] == 8 and check["source_tokens"] == check["release_tokens"]
     assert check["max_abs_logit_diff"] == 0.0
     assert check["model_class"].startswith("transformers_modules.")
-    assert check["model_class"].endswith("modeling_llava_jp.LlavaJpForConditionalGeneration")
-    assert check["processor_class"].endswith("processing_llava_jp.LlavaJpProcessor")
+    assert check["model_class"].endswith(".modeling.LlavaJpForConditionalGeneration")
+    assert check["processor_class"].endswith(".processing.LlavaJpProcessor")
     assert check["llava_jp_imported"] is False
     assert "verified: loaded without llava-jp" in printed
+
+
+# what a transformers user types, checked on the release in a process where `import llava_jp` fails
+# (llava_jp/hub/probe.py: user_idioms, base_model_idiom)
+USER_IDIOMS = [
+    "auto_classes",  # AutoConfig / AutoModelForImageTextToText / AutoProcessor give our classes
+    "auto_model_returns_hidden_states",  # AutoModel gives the base model (no head)
+    "chat_template_renders_list_content",  # apply_chat_template on standard list-content messages
+    "processor_returns_batchfeature",  # processor(images=..., text=prompt, return_tensors="pt")
+    "ids_in_vocabulary", "image_token_in_vocabulary",  # every id, <image> included, is a vocabulary id
+    "prompt_once",  # a rendered prompt is not wrapped again
+    "generate_starts_with_prompt", "new_tokens_after_prompt", "decode_new_tokens",  # out[:, prompt_len:]
+    "batch_decode_whole_output",
+    "tokenize_true_same_tokens",  # apply_chat_template(tokenize=True, return_dict=True) + generate
+    "pipeline_with_image_url",  # pipeline("image-text-to-text") with {"type": "image", "url": http://127.0.0.1/...}
+]
+
+
+@pytest.mark.parametrize("idiom", USER_IDIOMS)
+def test_release_behaves_like_every_transformers_vlm(released, idiom):
+    _, report, _ = released
+    assert report["verification"]["idioms"][idiom] is True
+    assert set(report["verification"]["idioms"]) == set(USER_IDIOMS)
+
+
+def test_release_raises_no_deprecation_warning(released):
+    _, report, _ = released
+    assert report["verification"]["deprecation_warnings"] == []
 
 
 def test_release_folder_holds_what_the_hub_needs(released, tiny_dir):
     out, _, _ = released
     config = json.loads((out / "config.json").read_text())
-    assert config["auto_map"] == AUTO_MAP and config["model_type"] == "llava_jp"
+    assert config["model_type"] == "llava_jp"
+    assert config["auto_map"] == {k: v for k, v in AUTO_MAP.items() if k != "AutoProcessor"}
+    assert set(AUTO_MAP) == {"AutoConfig", "AutoModel", "AutoModelForImageTextToText", "AutoProcessor"}
     assert json.loads((out / "processor_config.json").read_text())["auto_map"] == {"AutoProcessor": AUTO_MAP["AutoProcessor"]}
+    assert config["vision_config"]["vision_use_head"] is False
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((out / s).exists() for s in shards)
     released_weights = {k: v for s in shards for k, v in load_file(out / s).items()}
     source_weights = load_file(tiny_dir / "model.safetensors")
     assert released_weights.keys() == source_weights.keys()
+    assert not any(k.startswith("vision_tower.head.") for k in released_weights)
     assert all(torch.equal(released_weights[k], source_weights[k]) for k in source_weights)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json", "README.md"):
         assert (out / name).exists(), name
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
-    for remote in REMOTE_MODULES.values():
-        source = (out / f"{remote}.py").read_text()
-        compile(source, remote, "exec")
-        assert not re.search(r"^\s*(from|import)\s+llava_jp\b", source, flags=re.MULTILINE)
+    core = Path(LlavaJpConfig.__module__.replace(".", "/")).parent
+    for name in REMOTE_CODE:  # transformers copied llava_jp/core/ verbatim
+        assert (out / name).read_text() == (Path(__file__).parent.parent / core / name).read_text(), name
+    assert not (out / "__init__.py").exists()
 
 
-def test_remote_modules_are_generated_from_the_package_source():
-    modeling = remote_module_source("modeling")
-    assert "from .configuration_llava_jp import LlavaJpConfig" in modeling
-    assert "from . import vision_llava_jp as vision" in modeling
-    assert "from .configuration import" not in modeling and "\nfrom . import vision\n" not in modeling
-    assert modeling.startswith("# Generated by `llava-jp release`")
+def test_release_leaves_no_auto_class_registered(released, tiny, tmp_path):
+    """Registration is process-wide: a later save (a training checkpoint) must not ship code."""
+    assert all(cls._auto_class is None for cls in (LlavaJpConfig, LlavaJpForConditionalGeneration, LlavaJpProcessor))
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert not (tmp_path / "modeling.py").exists() and "auto_map" not in json.loads((tmp_path / "config.json").read_text())
 
 
 def test_transformers_ships_every_module_the_remote_code_needs(released):
@@ -92,10 +122,10 @@ def test_transformers_ships_every_module_the_remote_code_needs(released):
     for entry in AUTO_MAP.values():
         module = entry.split(".")[0]
         needed = {p.rsplit("/", 1)[-1] for p in get_relative_import_files(str(out / f"{module}.py"))}
-        if module == "modeling_llava_jp":
-            assert needed == {"configuration_llava_jp.py", "projector_llava_jp.py", "vision_llava_jp.py"}
-        if module == "processing_llava_jp":
-            assert {"modeling_llava_jp.py", "templates_llava_jp.py", "vision_llava_jp.py"} <= needed
+        if module == "modeling":
+            assert needed == {"configuration.py", "projector.py", "templates.py", "vision.py"}
+        if module == "processing":
+            assert needed | {"processing.py"} == set(REMOTE_CODE)
 
 
 def test_verification_catches_a_release_that_differs(released, tiny_dir, tmp_path, hf_modules_cache):
@@ -177,7 +207,7 @@ def test_push_without_network_fails_clearly_after_writing_everything(tiny_dir, t
     assert code == 1
     assert "could not push to https://huggingface.co/someone/x" in err and f"Everything is written in {out}" in err
     assert "hf upload someone/x" in err
-    assert (out / "config.json").exists() and (out / "README.md").exists() and (out / "modeling_llava_jp.py").exists()
+    assert (out / "config.json").exists() and (out / "README.md").exists() and (out / "modeling.py").exists()
 
 
 def test_release_refusals(tiny_dir, tmp_path, capsys):

@@ -59,6 +59,8 @@ class LlavaJpPreTrainedModel(PreTrainedModel):
                 config.vision_config.vision_use_head = False
             vision_tower = AutoModel.from_config(config.vision_config)
         self.vision_tower = _without_pooling_head(vision_tower)
+        if getattr(config.vision_config, "vision_use_head", None):
+            config.vision_config.vision_use_head = False
         in_width = feature_width(self.vision_tower) * max(1, len(config.s2_scales or []))
         self.multi_modal_projector = build_projector(config.projector_type, in_width, config.text_config.hidden_size)
         if language_model is None:
@@ -236,6 +238,9 @@ class LlavaJpForConditionalGeneration(LlavaJpPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
 
     def forward(
         self,

@@ -193,6 +193,8 @@ def _text_config(predecessor: dict) -> GPT2Config:
 
 
 def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], expect_all: bool) -> None:
+    # SigLIP's pooling head is never used and not part of the model
+    state = {k: v for k, v in state.items() if not k.startswith("vision_tower.head.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if model.config.text_config.tie_word_embeddings:
         missing = [k for k in missing if k != "language_model.lm_head.weight"]

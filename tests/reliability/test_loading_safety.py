@@ -24,7 +24,7 @@ PACKAGES = ("llava_jp", "data_ja", "benchmarks")
 # The only place that sets trust_remote_code: `llava-jp release` loads the folder it has just
 # generated from this package's source, in a separate `python -I` process that cannot import
 # llava_jp, to prove that hub users can load it (docs/release.md, docs/reliability.md).
-REMOTE_CODE_ALLOWED = {("llava_jp/hub/probe.py", "_main")}
+REMOTE_CODE_ALLOWED = {("llava_jp/hub/probe.py", f) for f in ("_main", "user_idioms", "base_model_idiom")}
 
 
 def _sources():
