@@ -145,3 +145,38 @@ def test_processor_round_trips_through_save(tmp_path):
     assert loaded.template == "plain" and loaded.num_image_tokens == 4
     assert loaded.encode_conversation(messages) == processor.encode_conversation(messages)
     assert loaded.chat_template == processor.chat_template
+
+
+@st.composite
+def chat_messages(draw):
+    """Conversations as transformers users write them: string or list content, images anywhere
+    in user turns, with or without a final user turn waiting for the answer."""
+    messages = []
+    for i in range(draw(st.integers(1, 3))):
+        if draw(st.booleans()):
+            items = draw(st.lists(st.one_of(st.just({"type": "image"}), text.map(lambda t: {"type": "text", "text": t})),
+                                  min_size=1, max_size=3))
+            messages.append({"role": "user", "content": items})
+        else:
+            messages.append({"role": "user", "content": draw(text)})
+        answer = draw(text)
+        messages.append({"role": "assistant",
+                         "content": [{"type": "text", "text": answer}] if draw(st.booleans()) else answer})
+    if draw(st.booleans()):
+        return messages[:-1], True
+    return messages, False
+
+
+@pytest.mark.parametrize("template", ["llm-jp-v1", "plain"])
+@settings(max_examples=80, deadline=None)
+@given(case=chat_messages())
+def test_chat_template_renders_what_training_renders(template, case):
+    """The hub's `apply_chat_template` (Jinja, transformers' renderer) and the training renderer
+    (`Template.render`, whose segments the labels come from) give the same text."""
+    messages, generation = case
+    processor = _processor(TOKENIZERS["char"], template)
+    chat = processor.apply_chat_template(messages, add_generation_prompt=generation, tokenize=False)
+    assert chat == get_template(template).render(normalize_conversation(messages), EOS, add_generation_prompt=generation)
+    if get_template(template).prompt_prefix:  # and a rendered prompt parses back to the same conversation
+        parsed, ends_with_prompt = get_template(template).parse(chat, EOS)
+        assert ends_with_prompt == generation and parsed == normalize_conversation(messages)
