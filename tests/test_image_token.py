@@ -158,11 +158,6 @@ def test_apply_chat_template_tokenize_true_gives_pixel_values(tiny, tmp_path):
                                                return_tensors="pt")
         assert torch.equal(inputs["input_ids"], expected["input_ids"])
         torch.testing.assert_close(inputs["pixel_values"], expected["pixel_values"])
-    # image passed separately: the message holds just {"type": "image"}
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "何色？"}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           images=[RED])
-    assert torch.equal(inputs["input_ids"], expected["input_ids"])
     # string content, no image
     text_only = processor.apply_chat_template([{"role": "user", "content": "こんにちは"}], add_generation_prompt=True,
                                               tokenize=True, return_dict=True)

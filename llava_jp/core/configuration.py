@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import re
 
-from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+from transformers import CONFIG_MAPPING, AutoConfig, PreTrainedConfig
 
 VISION_LAYOUTS = ("default", "llava-jp-v1.1-compat")
 
@@ -27,10 +26,9 @@ class LlavaJpConfig(PreTrainedConfig):
 
     model_type = "llava_jp"
 
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model"),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="gpt2"),
-    }
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
+    # model types of the sub-configs when a dict (or nothing) names none
+    sub_config_default_types = {"vision_config": "siglip_vision_model", "text_config": "gpt2"}
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -43,6 +41,11 @@ class LlavaJpConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        for name, default_type in self.sub_config_default_types.items():
+            value = getattr(self, name)
+            if value is None or isinstance(value, dict):
+                fields = dict(value or {})
+                setattr(self, name, CONFIG_MAPPING[fields.pop("model_type", default_type)](**fields))
         super().__post_init__(**kwargs)
         self.validate_fields()
 

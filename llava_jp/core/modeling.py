@@ -54,13 +54,11 @@ class LlavaJpPreTrainedModel(PreTrainedModel):
     def __init__(self, config: LlavaJpConfig, vision_tower: nn.Module | None = None, language_model: nn.Module | None = None):
         """Random weights from `config`, or already-loaded `vision_tower` / `language_model`."""
         super().__init__(config)
+        if config.vision_config.model_type == "siglip_vision_model":
+            config.vision_config.vision_use_head = False
         if vision_tower is None:
-            if getattr(config.vision_config, "vision_use_head", None):
-                config.vision_config.vision_use_head = False
             vision_tower = AutoModel.from_config(config.vision_config)
         self.vision_tower = _without_pooling_head(vision_tower)
-        if getattr(config.vision_config, "vision_use_head", None):
-            config.vision_config.vision_use_head = False
         in_width = feature_width(self.vision_tower) * max(1, len(config.s2_scales or []))
         self.multi_modal_projector = build_projector(config.projector_type, in_width, config.text_config.hidden_size)
         if language_model is None:
@@ -204,9 +202,12 @@ class LlavaJpPreTrainedModel(PreTrainedModel):
 def _without_pooling_head(tower: nn.Module) -> nn.Module:
     """SigLIP's pooling head is never used (we take patch tokens): drop it, so releases and
     vLLM's Transformers backend see no unused parameters."""
-    if getattr(tower, "head", None) is not None and getattr(tower.config, "vision_use_head", False):
-        del tower.head
+    if getattr(tower.config, "model_type", None) == "siglip_vision_model":
         tower.config.vision_use_head = False
+        if getattr(tower, "head", None) is not None:
+            del tower.head
+        if hasattr(tower, "use_head"):
+            tower.use_head = False
     return tower
 
 

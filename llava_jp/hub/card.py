@@ -107,9 +107,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 model = AutoModelForImageTextToText.from_pretrained("{name}", trust_remote_code=True)
 processor = AutoProcessor.from_pretrained("{name}", trust_remote_code=True)
-inputs = processor(text=["この画像について説明してください。"], images=[Image.open("image.jpg")])
-new_tokens = model.generate(**inputs, max_new_tokens=256, do_sample=False)
-print(processor.batch_decode(new_tokens, skip_special_tokens=True)[0])
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "この画像について説明してください。"}}]}}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+inputs = processor(images=Image.open("image.jpg"), text=prompt, return_tensors="pt").to(model.device)
+out = model.generate(**inputs, max_new_tokens=256, do_sample=False)
+print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 '''
 
