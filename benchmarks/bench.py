@@ -42,6 +42,8 @@ from transformers import (
     LogitsProcessor,
 )
 
+from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
+
 from benchmarks.sizes import BENCH_IMAGE_TOKEN_ID, BenchSize, _sample, _tokens, bench_size
 from llava_jp.presets.builder import build_config, parse_preset
 from llava_jp.train.features import FeatureCache
@@ -82,8 +84,11 @@ def build_peer(ours: LlavaJpForConditionalGeneration) -> LlavaForConditionalGene
     vocab = ours.config.text_config.vocab_size
     text_config = copy.deepcopy(ours.config.text_config)
     text_config.vocab_size = vocab + 1
+    # the peer's users keep SigLIP's pooling head (ours drops it): the peer runs it, as before
+    vision_config = copy.deepcopy(ours.config.vision_config)
+    vision_config.vision_use_head = True
     config = LlavaConfig(
-        vision_config=copy.deepcopy(ours.config.vision_config), text_config=text_config,
+        vision_config=vision_config, text_config=text_config,
         image_token_index=vocab, image_seq_length=ours.num_image_tokens,
         vision_feature_layer=ours.config.vision_feature_layer, vision_feature_select_strategy="full",
         projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=False,
@@ -91,7 +96,10 @@ def build_peer(ours: LlavaJpForConditionalGeneration) -> LlavaForConditionalGene
     config._attn_implementation = ours.language_model.config._attn_implementation
     with torch.device("meta"):
         peer = LlavaForConditionalGeneration(config)
-    peer.model.vision_tower = ours.vision_tower
+    tower = peer.model.vision_tower
+    for name in ("embeddings", "encoder", "post_layernorm"):
+        setattr(tower, name, getattr(ours.vision_tower, name))
+    tower.head = SiglipMultiheadAttentionPoolingHead(vision_config).to(ours.vision_tower.post_layernorm.weight)
     peer.model.multi_modal_projector.linear_1 = ours.multi_modal_projector[0]
     peer.model.multi_modal_projector.linear_2 = ours.multi_modal_projector[2]
     lm, ours_lm = peer.model.language_model, ours.language_model.base_model
@@ -228,7 +236,8 @@ def _full_logits_loss(model: LlavaJpForConditionalGeneration, batch: dict) -> to
 
 
 def _whole_tower_features(model: LlavaJpForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Ours with the peer's vision path (every layer, post-norm and head, hidden states kept): an ablation."""
+    """Ours with the peer's vision path (every layer and the post-norm, hidden states kept; ours has no
+    pooling head to run): an ablation."""
     with torch.no_grad():
         out = model.vision_tower(pixel_values, output_hidden_states=True)
     return out.hidden_states[model.config.vision_feature_layer]
@@ -394,6 +403,7 @@ def run_bench(size: BenchSize, device: torch.device, precision: str, ablations: 
     peer = build_peer(ours)
     if precision == "bf16":
         ours.vision_tower.to(torch.bfloat16)  # frozen, as `llava-jp train` stores it
+        peer.model.vision_tower.head.to(torch.bfloat16)
     from llava_jp.train.optim import enable_activation_checkpointing
 
     for m in (ours, ours_s2, peer):

@@ -30,7 +30,9 @@ def test_peer_shares_our_weights_and_sees_image_as_a_vocabulary_token():
     torch.manual_seed(0)
     ours = build_ours(size, s2=False)
     peer = build_peer(ours)
-    assert peer.model.vision_tower is ours.vision_tower
+    for name in ("embeddings", "encoder", "post_layernorm"):
+        assert getattr(peer.model.vision_tower, name) is getattr(ours.vision_tower, name)
+    assert peer.model.vision_tower.head is not None and not hasattr(ours.vision_tower, "head")
     assert peer.model.language_model.h is ours.language_model.base_model.h
     vocab = ours.config.text_config.vocab_size
     assert peer.lm_head.weight.shape[0] == vocab + 1 and not peer.lm_head.weight[vocab].any()

@@ -279,3 +279,37 @@ def test_generate_returns_an_ordinary_tensor_that_callers_may_modify(tiny):
     out = model.generate(**processor(text=["何色？"], images=[RED]), max_new_tokens=3, do_sample=False)
     assert not out.is_inference()
     out += 1  # an inference-mode tensor would raise here
+
+
+def test_base_model_gives_the_hidden_states_the_head_reads(tiny, tmp_path):
+    """`AutoModel` on a saved folder is the base model (no head); the head model's logits are the
+    LM head applied to its hidden states. One checkpoint loads into both."""
+    from transformers import AutoModel
+
+    from llava_jp import LlavaJpModel
+
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    base = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(base) is LlavaJpModel and set(base.state_dict()) == set(model.state_dict())
+    batch = processor(text=["何色？"], images=[RED])
+    with torch.no_grad():
+        hidden = base(**batch).last_hidden_state
+        logits = model(**batch).logits
+    torch.testing.assert_close(model.get_output_embeddings()(hidden), logits, rtol=0, atol=0)
+
+
+def test_what_vllms_transformers_backend_needs_from_the_model(tiny):
+    from transformers import AutoModel
+
+    from llava_jp import LlavaJpModel
+
+    model, processor = tiny
+    base = AutoModel.from_config(model.config)
+    assert type(base) is LlavaJpModel and base._supports_attention_backend
+    decoder = base.get_decoder()
+    assert decoder is base.language_model.base_model and type(decoder)._supports_attention_backend
+    assert not any(".head." in name for name, _ in base.named_parameters())  # no pooling head
+    assert base.config.vision_config.vision_use_head is False
+    features = model.get_image_features(processor(text=["何色？"], images=[RED])["pixel_values"])
+    assert features.shape == (1, model.num_image_tokens, model.config.text_config.hidden_size)
