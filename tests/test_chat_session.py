@@ -212,7 +212,10 @@ def test_sampling_settings_reach_generate(tiny, monkeypatch):
     seen = _spy_generate(monkeypatch, model)
     torch.manual_seed(0)
     ChatSession(model, processor, image=RED).ask("何色？", GenerationSettings(5, 0.8, 0.5, 1.3))
-    assert (seen["do_sample"], seen["temperature"], seen["top_p"], seen["repetition_penalty"]) == (True, 0.8, 0.5, 1.3)
+    assert (seen["do_sample"], seen["temperature"], seen["top_p"]) == (True, 0.8, 0.5)
+    # the penalty skips the prompt (generate sees the prompt ids): only the answer's tokens count
+    (penalty,) = seen["logits_processor"]
+    assert penalty.penalty == 1.3 and int(penalty.prompt_ignore_length) == seen["input_ids"].shape[1]
 
 
 def test_default_model_is_the_quickstart_output(tmp_path, monkeypatch, tiny_dir):

@@ -23,7 +23,13 @@ from typing import ClassVar
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 from llava_jp.core.processing import ImageLike, load_image
 from llava_jp.core.templates import IMAGE_MARKER
@@ -66,8 +72,9 @@ def load_chat_image(image: ImageLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Ima
 class GenerationSettings:
     """Sampling settings. temperature 0 means greedy decoding.
 
-    The prompt reaches `generate` as embeddings, so `repetition_penalty` only sees the tokens
-    generated so far, not the question.
+    `repetition_penalty` applies to the tokens generated so far, not to the prompt (system
+    text, question, image placeholders): `generate_kwargs(prompt_length=...)` says where the
+    answer starts.
     """
 
     max_new_tokens: int = 256
@@ -94,14 +101,20 @@ class GenerationSettings:
         if int(self.max_new_tokens) != self.max_new_tokens:
             raise ChatError(f"max_new_tokens は整数にしてください（{self.max_new_tokens} が指定されました）。")
 
-    def generate_kwargs(self) -> dict:
+    def generate_kwargs(self, prompt_length: int | None = None) -> dict:
+        """Keyword arguments for `generate`; with `prompt_length`, the repetition penalty skips
+        the prompt's first `prompt_length` tokens (`generate` sees the prompt ids)."""
         kwargs = {"max_new_tokens": int(self.max_new_tokens)}
         if self.temperature > 0:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
         else:
             kwargs["do_sample"] = False
         if self.repetition_penalty != 1.0:
-            kwargs["repetition_penalty"] = self.repetition_penalty
+            if prompt_length is None:
+                kwargs["repetition_penalty"] = self.repetition_penalty
+            else:
+                kwargs["logits_processor"] = LogitsProcessorList(
+                    [RepetitionPenaltyLogitsProcessor(self.repetition_penalty, prompt_ignore_length=prompt_length)])
         return kwargs
 
 
@@ -252,7 +265,7 @@ class Turn:
             try:
                 model.generate(
                     **batch, streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
-                    **self.settings.generate_kwargs(),
+                    **self.settings.generate_kwargs(prompt_length=batch["input_ids"].shape[1]),
                 )
             except BaseException as err:  # handed to the reader, which re-raises it
                 errors.append(err)
