@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -471,9 +472,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: bf16 autocast on CUDA, fp32 on CPU")
     parser.add_argument("--repeats", type=int, help="timed rounds (default: 5, or 3 at full size)")
     parser.add_argument("--warmup", type=int, help="untimed rounds first (default 1)")
-    parser.add_argument("--threads", type=int,
-                        help="CPU threads (default: torch's choice, one per core); on a shared machine 1 avoids "
-                             "threads waiting on each other at every operation")
+    parser.add_argument("--threads", nargs="+", default=None, metavar="N|all",
+                        help="CPU thread counts to run the whole bench at, one after the other (default on CPU: "
+                             "1 all; 'all' = one per core); the top-level ratios are the first count's, and "
+                             "`by_threads` holds every count's (docs/benchmarks.md explains why they differ)")
     parser.add_argument("--only", nargs="+", choices=("stage2", "stage1", "generate"),
                         help="measure only these")
     parser.add_argument("--ablations", action="store_true",
@@ -481,19 +483,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="end the output with one JSON object")
 
 
+HEADLINE = ("train_step_ratio", "stage1_step_ratio", "stage1_cache_speedup", "generate_tps_ratio")
+
+
+def thread_counts(values: list[str]) -> list[int]:
+    """`--threads` values: positive integers or `all` (one per core this process may use)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    counts = []
+    for v in values:
+        if v == "all":
+            counts.append(cores)
+        elif v.isdigit() and int(v) > 0:
+            counts.append(int(v))
+        else:
+            raise ValueError(f"expected positive integers or 'all', got {v!r}")
+    return counts
+
+
 def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    try:
+        threads = thread_counts(args.threads or (["1", "all"] if device.type == "cpu" and not (args.memory or args.loader)
+                                                 else ["all"]))
+    except ValueError as err:
+        print(f"error: --threads: {err}", file=sys.stderr)
+        return 2
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else print
     if args.loader:
         from benchmarks.loader import run_loader_bench
 
+        torch.set_num_threads(threads[0])
         report = run_loader_bench(args.workers, log=log)
     elif args.memory:
         from benchmarks.memory import memory_step
 
+        torch.set_num_threads(threads[0])
         report = memory_step(device, precision)
         log(f"full-size stage-2 step ({precision}, length {report['seq_len']}): peak tensor memory "
             f"{report['peak_tensor_gib']:.2f} GiB, peak RSS {report['peak_rss_gib']:.2f} GiB"
@@ -504,10 +529,18 @@ def run(args: argparse.Namespace) -> int:
             size.repeats = args.repeats
         if args.warmup is not None:
             size.warmup = args.warmup
-        report = run_bench(size, device, precision, args.ablations, tuple(args.only or ("stage2", "stage1", "generate")), log)
-        for key in ("train_step_ratio", "stage1_step_ratio", "stage1_cache_speedup", "generate_tps_ratio"):
-            if key in report:
-                log(f"{key}: {report[key]:.3f}")
+        by_threads = {}
+        for i, n in enumerate(threads):
+            torch.set_num_threads(n)
+            log(f"-- {n} thread(s)")
+            one = run_bench(size, device, precision, args.ablations, tuple(args.only or ("stage2", "stage1", "generate")), log)
+            by_threads[str(n)] = {k: one[k] for k in (*HEADLINE, "paired") if k in one}
+            for key in HEADLINE:
+                if key in one:
+                    log(f"{key} ({n} thread(s)): {one[key]:.3f}")
+            if i == 0:
+                report = one
+        report["by_threads"] = by_threads
     if args.json:
         print(json.dumps(report, ensure_ascii=False, default=_jsonable))
     return 0
