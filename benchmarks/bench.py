@@ -50,13 +50,15 @@ from llava_jp.core.modeling import IGNORE_INDEX, LlavaJpForConditionalGeneration
 
 
 # -- models --------------------------------------------------------------------------------
-def build_ours(size: BenchSize, s2: bool, share_from: LlavaJpForConditionalGeneration | None = None):
+def build_ours(size: BenchSize, s2: bool, share_from: LlavaJpForConditionalGeneration | None = None,
+               pixel_shuffle: int = 1):
     """Ours with random weights; with `share_from`, its vision tower and LM are reused (same tensors)."""
     vision = {"config": size.vision, "feature_layer": -2}
     if s2:
         vision.update(s2_scales=size.s2_scales, s2_split_size=min(size.s2_scales))
     preset = parse_preset({"vision": vision, "language_model": {"config": size.language_model},
-                           "tokenizer": "none", "projector": "mlp2x_gelu"}, source="bench")
+                           "tokenizer": "none", "projector": "mlp2x_gelu",
+                           "projector_pixel_shuffle": pixel_shuffle}, source="bench")
     config = build_config(preset, pretrained=False)
     if share_from is None:
         return LlavaJpForConditionalGeneration(config)
@@ -252,17 +254,18 @@ def set_trainable(models: list[nn.Module], stage: int) -> None:
 
 
 def measure_training(runner: Runner, size: BenchSize, stage: int, ours, ours_s2, peer, ablations: bool,
-                     cache_dir: Path | None) -> dict:
-    """One stage's training step for every contender, alternating; returns medians and checks."""
+                     cache_dir: Path | None, ours_s2_shuffled=None) -> dict:
+    """One stage's training step for every contender, alternating; returns medians and checks.
+    `ours_s2_shuffled` (optional): ours with S2 and token compression, on the same text."""
     device = runner.device
-    set_trainable([ours, ours_s2, peer], stage)
+    set_trainable([ours, ours_s2, peer, *([ours_s2_shuffled] if ours_s2_shuffled else [])], stage)
     batch = make_batch(size, stage, ours, seed=stage)
     s2_batch = dict(batch, pixel_values=s2_pixels(batch, ours_s2.config.image_size))
     batch_d, s2_d, peer_d = _to(batch, device), _to(s2_batch, device), _to(for_peer(batch, ours), device)
     sync_peer(peer, ours)
     check = _loss_check(runner, ours, peer, batch_d, peer_d)
     lr = 1e-4 if stage == 1 else 1e-5
-    params = [p for m in (ours, ours_s2, peer) for p in m.parameters() if p.requires_grad]
+    params = [p for m in (ours, ours_s2, peer, ours_s2_shuffled) if m is not None for p in m.parameters() if p.requires_grad]
     optimizer = _optimizer(params, size.optimizer, lr)
     step = stage == 1 or size.stage2_optimizer_step
 
@@ -274,10 +277,15 @@ def measure_training(runner: Runner, size: BenchSize, stage: int, ours, ours_s2,
         "peer": train_step(lambda: peer(**peer_d, use_cache=False).loss),
         "ours_s2": train_step(lambda: ours_s2(**s2_d, use_cache=False).loss),
     }
+    if ours_s2_shuffled is not None:  # same seed: same text, fewer image placeholders
+        shuffled = make_batch(size, stage, ours_s2_shuffled, seed=stage)
+        shuffled_d = _to(dict(shuffled, pixel_values=s2_pixels(shuffled, ours_s2.config.image_size)), device)
+        contenders["ours_s2_shuffled"] = train_step(lambda: ours_s2_shuffled(**shuffled_d, use_cache=False).loss)
+        ours_s2_shuffled.train()
     if cache_dir is not None:
         names = [f"image-{i}.png" for i in range(batch["input_ids"].shape[0])]
         for model, key, pixels in ((ours, "ours_cached", batch_d), (ours_s2, "ours_s2_cached", s2_d)):
-            cache = FeatureCache(cache_dir / key, key, model.num_image_tokens, model.projector_input_width)
+            cache = FeatureCache(cache_dir / key, key, model.num_vision_tokens, model.vision_feature_width)
             with torch.no_grad(), runner.autocast:
                 cache.add(names, model.encode_images(pixels["pixel_values"]), [[0, 0]] * len(names))
             text = {k: v for k, v in pixels.items() if k != "pixel_values"}
@@ -384,18 +392,20 @@ def padding_waste(size: BenchSize, ours, batch_size: int = 16, n: int = 4096) ->
 
 
 def run_bench(size: BenchSize, device: torch.device, precision: str, ablations: bool = False,
-              stages: tuple[str, ...] = ("stage2", "stage1", "generate"), log=print) -> dict:
-    """Every measurement in one process; returns the report (ratios first)."""
+              stages: tuple[str, ...] = ("stage2", "stage1", "generate"), log=print, pixel_shuffle: int = 1) -> dict:
+    """Every measurement in one process; returns the report (ratios first). With `pixel_shuffle`
+    > 1, ours with S2 and that token compression is timed too (its own projector)."""
     runner = Runner(device, precision)
     torch.manual_seed(0)
     ours = build_ours(size, s2=False)
     ours_s2 = build_ours(size, s2=True, share_from=ours)
+    shuffled = build_ours(size, s2=True, share_from=ours, pixel_shuffle=pixel_shuffle) if pixel_shuffle > 1 else None
     peer = build_peer(ours)
     if precision == "bf16":
         ours.vision_tower.to(torch.bfloat16)  # frozen, as `llava-jp train` stores it
     from llava_jp.train.optim import enable_activation_checkpointing
 
-    for m in (ours, ours_s2, peer):
+    for m in (ours, ours_s2, peer, *([shuffled] if shuffled else [])):
         m.to(device)
         if size.gradient_checkpointing:
             enable_activation_checkpointing(_parts(m).language_model)
@@ -407,10 +417,10 @@ def run_bench(size: BenchSize, device: torch.device, precision: str, ablations: 
         f"{size.warmup} warm-up + {size.repeats} timed rounds, alternating")
     with tempfile.TemporaryDirectory() as tmp:
         if "stage2" in stages:
-            report["stage2"] = measure_training(runner, size, 2, ours, ours_s2, peer, ablations, None)
+            report["stage2"] = measure_training(runner, size, 2, ours, ours_s2, peer, ablations, None, shuffled)
             log(_line("stage 2 step", report["stage2"]))
         if "stage1" in stages:
-            report["stage1"] = measure_training(runner, size, 1, ours, ours_s2, peer, ablations, Path(tmp))
+            report["stage1"] = measure_training(runner, size, 1, ours, ours_s2, peer, ablations, Path(tmp), shuffled)
             log(_line("stage 1 step", report["stage1"]))
     if "generate" in stages:
         report["generate"] = measure_generation(runner, size, ours, ours_s2, peer)
@@ -441,6 +451,10 @@ def run_bench(size: BenchSize, device: torch.device, precision: str, ablations: 
         ratios["stage1_step_ratio_s2"] = m["ours_s2"] / m["peer"]
         ratios["stage1_cache_speedup"] = m["ours_s2"] / m["ours_s2_cached"]
         ratios["stage1_cache_speedup_single_scale"] = m["ours"] / m["ours_cached"]
+    for stage in ("stage1", "stage2"):
+        if stage in report and "ours_s2_shuffled" in report[stage]["median_s"]:
+            m = report[stage]["median_s"]
+            ratios[f"{stage}_pixel_shuffle_speedup"] = m["ours_s2"] / m["ours_s2_shuffled"]
     if "generate" in report:
         g = report["generate"]
         ratios["generate_tps_ratio"] = g["ours"]["decode_tokens_per_s"] / g["peer"]["decode_tokens_per_s"]
@@ -480,10 +494,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure only these")
     parser.add_argument("--ablations", action="store_true",
                         help="also time ours with each of the peer's wastes put back, one at a time")
+    parser.add_argument("--pixel-shuffle", type=int, default=1, metavar="F",
+                        help="also time ours with S2 and FxF token compression before the projector (2: 729 -> 196 "
+                             "image tokens; stage1/2_pixel_shuffle_speedup = ours_s2 / ours_s2_shuffled)")
     parser.add_argument("--json", action="store_true", help="end the output with one JSON object")
 
 
-HEADLINE = ("train_step_ratio", "stage1_step_ratio", "stage1_cache_speedup", "generate_tps_ratio")
+HEADLINE = ("train_step_ratio", "stage1_step_ratio", "stage1_cache_speedup", "generate_tps_ratio",
+            "stage1_pixel_shuffle_speedup", "stage2_pixel_shuffle_speedup")
 
 
 def thread_counts(values: list[str]) -> list[int]:
@@ -533,7 +551,8 @@ def run(args: argparse.Namespace) -> int:
         for i, n in enumerate(threads):
             torch.set_num_threads(n)
             log(f"-- {n} thread(s)")
-            one = run_bench(size, device, precision, args.ablations, tuple(args.only or ("stage2", "stage1", "generate")), log)
+            one = run_bench(size, device, precision, args.ablations, tuple(args.only or ("stage2", "stage1", "generate")), log,
+                            args.pixel_shuffle)
             by_threads[str(n)] = {k: one[k] for k in (*HEADLINE, "paired") if k in one}
             for key in HEADLINE:
                 if key in one:

@@ -74,3 +74,12 @@ def test_bench_threads_flag_takes_counts_or_all_and_refuses_others(capsys):
     assert thread_counts(["1", "all"]) == [1, len(os.sched_getaffinity(0))]
     assert main(["bench", "--size", "tiny", "--threads", "0"]) == 2
     assert "--threads" in capsys.readouterr().err
+
+
+def test_bench_times_token_compression_on_the_same_text(capsys):
+    assert main(["bench", "--size", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "--only", "stage1",
+                 "--pixel-shuffle", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["stage1_pixel_shuffle_speedup"] > 0
+    assert report["by_threads"]["1"]["stage1_pixel_shuffle_speedup"] == report["stage1_pixel_shuffle_speedup"]
+    assert "ours_s2_shuffled" in report["stage1"]["median_s"]
