@@ -164,11 +164,14 @@ class Runner:
     def alternate(self, contenders: dict, warmup: int, repeats: int) -> dict[str, dict]:
         """Run every contender `warmup` times, then `repeats` timed rounds, rotating the order.
 
-        Returns per contender: the wall times, their median, what each call returned, and on
-        CUDA the peak memory allocated during its calls.
+        Returns per contender: the wall times, their median, the process CPU times and their
+        median, what each call returned, and on CUDA the peak memory allocated during its calls.
+        On one thread the CPU time is the work itself, without the time other processes held the
+        core: the steadier figure on a shared machine. On several threads it also counts the
+        time threads spin waiting for each other (docs/benchmarks.md, "Threads").
         """
         names = list(contenders)
-        results = {n: {"times_s": [], "returned": [], "peak_gib": 0.0} for n in names}
+        results = {n: {"times_s": [], "cpu_s": [], "returned": [], "peak_gib": 0.0} for n in names}
         for _ in range(warmup):
             for n in names:
                 contenders[n]()
@@ -177,15 +180,17 @@ class Runner:
                 if self.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 self.sync()
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 returned = contenders[n]()
                 self.sync()
                 results[n]["times_s"].append(time.perf_counter() - start)
+                results[n]["cpu_s"].append(time.process_time() - cpu)
                 results[n]["returned"].append(returned)
                 if self.device.type == "cuda":
                     results[n]["peak_gib"] = max(results[n]["peak_gib"], torch.cuda.max_memory_allocated() / 2**30)
         for n in names:
             results[n]["median_s"] = statistics.median(results[n]["times_s"])
+            results[n]["median_cpu_s"] = statistics.median(results[n]["cpu_s"])
         return results
 
 
@@ -310,6 +315,7 @@ def measure_training(runner: Runner, size: BenchSize, stage: int, ours, ours_s2,
         "loss_check": check,
         "median_s": {n: r["median_s"] for n, r in results.items()},
         "times_s": {n: r["times_s"] for n, r in results.items()},
+        "median_cpu_s": {n: r["median_cpu_s"] for n, r in results.items()},
         "tokens_per_s": {n: tokens / r["median_s"] for n, r in results.items()},
         **({"peak_gib": {n: r["peak_gib"] for n, r in results.items()}} if device.type == "cuda" else {}),
     }
@@ -368,6 +374,7 @@ def measure_generation(runner: Runner, size: BenchSize, ours, ours_s2, peer) -> 
             "ttft_s": statistics.median(x["ttft_s"] for x in r["returned"]),
             "decode_tokens_per_s": statistics.median(x["decode_tokens_per_s"] for x in r["returned"]),
             "total_s": r["median_s"],
+            "total_cpu_s": r["median_cpu_s"],
             "end_to_end_tokens_per_s": size.new_tokens / r["median_s"],
         }
     summary["same_tokens_as_peer"] = results["ours"]["returned"][0]["tokens"] == results["peer"]["returned"][0]["tokens"]
@@ -441,6 +448,18 @@ def run_bench(size: BenchSize, device: torch.device, precision: str, ablations: 
             paired[key] = statistics.median(a / b for a, b in zip(times[mine], times[theirs]))
     if paired:
         report["paired"] = paired
+    # the same ratios from process CPU time: on one thread, what the work costs whatever else runs
+    cpu = {}
+    for stage, key, mine, theirs in (("stage2", "train_step_ratio", "ours", "peer"),
+                                     ("stage1", "stage1_step_ratio", "ours", "peer"),
+                                     ("stage1", "stage1_cache_speedup", "ours_s2", "ours_s2_cached")):
+        if stage in report:
+            m = report[stage]["median_cpu_s"]
+            cpu[key] = m[mine] / m[theirs]
+    if "generate" in report:  # prompt + decoding, ours / peer (decode alone is not timed in CPU time)
+        cpu["generate_total_ratio"] = report["generate"]["ours"]["total_cpu_s"] / report["generate"]["peer"]["total_cpu_s"]
+    if cpu:
+        report["cpu_time"] = cpu
     if "stage2" in report:
         m = report["stage2"]["median_s"]
         ratios["train_step_ratio"] = m["ours"] / m["peer"]
@@ -553,7 +572,7 @@ def run(args: argparse.Namespace) -> int:
             log(f"-- {n} thread(s)")
             one = run_bench(size, device, precision, args.ablations, tuple(args.only or ("stage2", "stage1", "generate")), log,
                             args.pixel_shuffle)
-            by_threads[str(n)] = {k: one[k] for k in (*HEADLINE, "paired") if k in one}
+            by_threads[str(n)] = {k: one[k] for k in (*HEADLINE, "paired", "cpu_time") if k in one}
             for key in HEADLINE:
                 if key in one:
                     log(f"{key} ({n} thread(s)): {one[key]:.3f}")

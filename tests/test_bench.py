@@ -18,6 +18,8 @@ def test_bench_json_has_the_ratios_and_both_sides_compute_the_same_loss(capsys):
     for key in RATIOS:
         assert report[key] > 0, key
     assert set(report["paired"]) == {"train_step_ratio", "stage1_step_ratio", "stage1_cache_speedup"}
+    assert set(report["cpu_time"]) == {*report["paired"], "generate_total_ratio"}
+    assert all(v > 0 for v in report["by_threads"]["2"]["cpu_time"].values())
     vocab = report["size"]["language_model"]["vocab_size"]
     for stage in ("stage1", "stage2"):
         check = report[stage]["loss_check"]
