@@ -51,7 +51,8 @@ def test_loader_bench_times_the_collator_and_sizes_workers_against_the_gpu():
     from benchmarks.loader import run_loader_bench
 
     report = run_loader_bench([0, 1], images=4, batch_size=2, batches=2, log=lambda *a: None)
-    assert report["image_size"] == 768
+    assert report["image_size"] == 768 and report["images_per_s_per_worker"] > 0
+    assert report["per_image"]["cpu"]["preprocess_s"] > 0
     assert [r["workers"] for r in report["loader"]] == [0, 1]
     assert all(r["images_per_s"] > 0 for r in report["loader"])
     for stage in ("stage1", "stage2"):
