@@ -276,8 +276,9 @@ class Collator:
         return batch
 
 
-# loader workers per GPU process when `dataloader_num_workers` is unset (docs/benchmarks.md: the
-# recipe's stage 1 at 40% MFU on an H200 needs about this many at the measured images/s per worker)
+# cap on loader workers per GPU process when `dataloader_num_workers` is unset: one worker
+# (~100 images/s at 768 px) covers an H200's stage-1 demand on paper (~55 samples/s,
+# docs/benchmarks.md); the rest is room for larger source images, slow disks and Python overhead
 AUTO_WORKERS_PER_GPU = 8
 
 
