@@ -15,7 +15,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, Generat
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration import LlavaJpConfig
-from .projector import build_projector
+from .projector import build_projector, merged_tokens, pixel_shuffle
 from .templates import add_image_token
 from .vision import IMAGE_FEATURES, feature_width, is_trainable, tokens_per_image, unused_parameters
 
@@ -59,8 +59,10 @@ class LlavaJpPreTrainedModel(PreTrainedModel):
         if vision_tower is None:
             vision_tower = AutoModel.from_config(config.vision_config)
         self.vision_tower = _without_pooling_head(vision_tower)
-        in_width = feature_width(self.vision_tower) * max(1, len(config.s2_scales or []))
-        self.multi_modal_projector = build_projector(config.projector_type, in_width, config.text_config.hidden_size)
+        self.multi_modal_projector = build_projector(
+            config.projector_type, self.vision_feature_width * config.projector_pixel_shuffle ** 2,
+            config.text_config.hidden_size,
+        )
         if language_model is None:
             language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.language_model = language_model
@@ -83,9 +85,20 @@ class LlavaJpPreTrainedModel(PreTrainedModel):
 
     # -- sizes -----------------------------------------------------------------------------
     @property
-    def num_image_tokens(self) -> int:
-        """Tokens one image becomes (729 for SigLIP-384, S2 or not; 728 in the v1.1 compat layout)."""
+    def num_vision_tokens(self) -> int:
+        """Tokens of one image's vision features (729 for SigLIP-384, S2 or not; 728 in the v1.1 compat layout)."""
         return tokens_per_image(self.vision_tower, self.config.vision_layout)
+
+    @property
+    def vision_feature_width(self) -> int:
+        """Channels of one image's vision features (the tower's width times the S2 scales)."""
+        return feature_width(self.vision_tower) * max(1, len(self.config.s2_scales or []))
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Tokens one image becomes in the LM: the vision tokens, fewer after a pixel shuffle."""
+        return merged_tokens(self.num_vision_tokens, self.config.projector_pixel_shuffle) \
+            if self.config.projector_pixel_shuffle > 1 else self.num_vision_tokens
 
     @property
     def projector_input_width(self) -> int:
@@ -128,7 +141,7 @@ class LlavaJpPreTrainedModel(PreTrainedModel):
 
     # -- pixels -> embeddings ----------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pixels -> vision features before the projector, (n_images, num_image_tokens, projector_input_width).
+        """Pixels -> vision features before the projector, (n_images, num_vision_tokens, vision_feature_width).
 
         This is what a feature cache stores: it depends only on the (frozen) vision tower.
         """
@@ -148,7 +161,8 @@ class LlavaJpPreTrainedModel(PreTrainedModel):
         if vision_features is None:
             vision_features = self.encode_images(pixel_values)
         projector_dtype = self.multi_modal_projector[0].weight.dtype
-        return self.multi_modal_projector(vision_features.to(projector_dtype))
+        merged = pixel_shuffle(vision_features, self.config.projector_pixel_shuffle)
+        return self.multi_modal_projector(merged.to(projector_dtype))
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor, n_images: int) -> torch.Tensor:
         """(batch, seq) mask of the image placeholder positions, checked against the image count."""
