@@ -188,7 +188,7 @@ def _harness_text(prompt: str) -> str:
     """What the harness hands a model: ``<image N>`` as ``<image>``, then ``<image>`` removed."""
     for i in range(1, 8):
         prompt = prompt.replace(f"<image {i}>", "<image>")
-    return prompt.replace("<image>", "")
+    return prompt.replace("<image>", "").strip()
 
 
 def _jmmmu_samples(rows, protocol: str) -> list[Sample]:
