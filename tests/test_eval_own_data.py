@@ -102,3 +102,16 @@ def test_bad_own_data_is_named_with_exit_2(tmp_path, monkeypatch, capsys, conten
         run(tmp_path, monkeypatch, Generator(), "--data", str(path))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and str(path) in err and message in err
+
+
+def test_flat_question_answer_records_as_in_the_quickstart_test_set(tmp_path, own):
+    from llava_jp.eval.tasks import load_own_data
+
+    _, folder = own
+    path = tmp_path / "test.json"
+    path.write_text(json.dumps([{"id": "1-color", "image": "a.png", "type": "color",
+                                 "question": "図形は何色ですか？", "answer": "赤"}], ensure_ascii=False))
+    task = load_own_data(path, folder)
+    (sample,) = task.samples
+    assert (sample.id, sample.question, sample.reference, sample.category) == ("1-color", "図形は何色ですか？", "赤", "color")
+    assert task.image(sample).getpixel((0, 0)) == (255, 0, 0)

@@ -404,8 +404,15 @@ def load_task(
 TYPE_FIELDS = ("question_type", "type", "category")  # first present names a sample's type
 
 
+def _is_flat(record: dict) -> bool:
+    return isinstance(record.get("question"), str) and isinstance(record.get("answer"), str)
+
+
 def load_own_data(path: str | Path, image_folder: str | Path | None = None, limit: int | None = None) -> EvalTask:
     """A held-out set in LLaVA format as a task named after the file.
+
+    Flat records ``{"id", "image", "question", "answer", "type"}`` (the quickstart's
+    ``test.json``) are read as one-pair conversations.
 
     Each (human, gpt) turn pair of a record is one sample (id ``<id>`` for the first pair,
     ``<id>#<n>`` for later ones); ``<image>`` is removed from the question; ``image`` is resolved
@@ -424,11 +431,14 @@ def load_own_data(path: str | Path, image_folder: str | Path | None = None, limi
     base_dir = Path(image_folder) if image_folder is not None else path.parent
     rows, samples = [], []
     for i, record in enumerate(records):
-        if not isinstance(record, dict) or "conversations" not in record:
-            raise ValueError(f"{path}: record {i} has no 'conversations'")
+        if not isinstance(record, dict) or not ("conversations" in record or _is_flat(record)):
+            raise ValueError(f"{path}: record {i} has neither 'conversations' nor 'question'/'answer'")
         record_id = str(record.get("id", i))
+        raw = record.get("conversations") or [
+            {"from": "human", "value": record["question"]}, {"from": "gpt", "value": record["answer"]}
+        ]
         try:
-            turns = normalize_conversation(record["conversations"])
+            turns = normalize_conversation(raw)
         except ValueError as err:
             raise ValueError(f"{path}: record {record_id}: {err}") from None
         image = record.get("image")
