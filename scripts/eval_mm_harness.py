@@ -163,8 +163,7 @@ class LlavaJpProcess:
 
 def save_jsonl(path, data):
     with open(path, "w") as f:
-        for item in data:
-            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in data)
 
 
 def load_or_generate_predictions(args, task, gen_kwargs, output_dir):

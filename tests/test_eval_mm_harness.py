@@ -67,7 +67,7 @@ def both_routes(tmp_path_factory):
                        "--model_id", "tiny-model", "--task_id", task_id, "--data", sources[name],
                        "--max_new_tokens", str(MAX_NEW_TOKENS), "--judge_model", "stand-in",
                        "--metrics", *metrics]
-            done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+            done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False)
             assert done.returncode == 0, done.stderr[-3000:]
             result = root / "result" / task_id / "tiny-model"  # relative model_id: under result/
             harness[name] = {

@@ -90,8 +90,8 @@ def test_own_data_exact_match_rouge_judge_and_types(tmp_path, monkeypatch, own, 
     [
         ("[{]", "not valid JSON"),
         ('{"id": 1}', "JSON list"),
-        ('[{"id": "x", "image": "missing.png", "conversations": [{"from": "human", "value": "q"}, '
-         '{"from": "gpt", "value": "a"}]}]', "missing.png"),
+        (('[{"id": "x", "image": "missing.png", "conversations": [{"from": "human", "value": "q"}, '
+          '{"from": "gpt", "value": "a"}]}]'), "missing.png"),
         ('[{"id": "x", "conversations": [{"from": "robot", "value": "q"}]}]', "unknown role"),
     ],
 )

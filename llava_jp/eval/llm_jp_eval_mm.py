@@ -108,7 +108,7 @@ def serve(model_id: str, requests=None, replies=None, device: str | None = None)
                     with Image.open(path) as image:
                         images.append(image.convert("RGB"))
                 reply = {"text": vlm.generate(images, request["text"], request.get("gen_kwargs"))}
-            except Exception as err:  # one bad sample must not end the run; the harness records it
+            except Exception as err:  # noqa: BLE001 -- one bad sample must not end the run; the harness records it
                 reply = {"error": f"{type(err).__name__}: {err}"}
             print(json.dumps(reply, ensure_ascii=False), file=replies, flush=True)
     finally:

@@ -130,8 +130,9 @@ def own_data_tables(scores: dict) -> str:
             continue
         judged = "llm_judge" in by_type
         header = "| type | samples | exact match | ROUGE-L |" + (" LLM judge (1-5) |" if judged else "")
-        lines = [f"\n{name}: exact match {_cell(result.get('exact_match'))}, "
-                 f"ROUGE-L {_cell(result.get('score'))}\n", header,
+        title = (f"\n{name}: exact match {_cell(result.get('exact_match'))}, "
+                 f"ROUGE-L {_cell(result.get('score'))}\n")
+        lines = [title, header,
                  "|---|---|---|---|" + ("---|" if judged else "")]
         for kind, rouge in by_type["rouge_l"].items():
             row = (f"| {kind} | {rouge['samples']} | {_cell(by_type['exact_match'][kind]['mean'])} "

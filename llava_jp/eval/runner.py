@@ -26,7 +26,13 @@ from tqdm.auto import tqdm
 
 from llava_jp.eval import harness_metrics as hm
 from llava_jp.eval._jsonl import append_records, read_records
-from llava_jp.eval.judge import HERON_STYLES, JudgeClient, Judgment, judge_heron, judge_one_to_five
+from llava_jp.eval.judge import (
+    HERON_STYLES,
+    JudgeClient,
+    Judgment,
+    judge_heron,
+    judge_one_to_five,
+)
 from llava_jp.eval.report import write_report
 from llava_jp.eval.rouge import PROTOCOLS, aggregate_rouge_l, rouge_l_scores
 from llava_jp.eval.tasks import DEFAULT_TASKS, TASKS, EvalTask, load_own_data, load_task

@@ -427,7 +427,7 @@ def load_own_data(path: str | Path, image_folder: str | Path | None = None, limi
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of LLaVA-format records")
+        raise ValueError(f"{path}: expected a JSON list of LLaVA-format records")  # noqa: TRY004 -- reported as a bad file
     base_dir = Path(image_folder) if image_folder is not None else path.parent
     rows, samples = [], []
     for i, record in enumerate(records):
