@@ -95,4 +95,4 @@ def test_run_eval_scores_each_task_with_its_harness_metric(tmp_path, sources):
     details = [json.loads(line) for line in (tmp_path / "mecha-ja" / "details" / "mecha-ja.jsonl").open()]
     assert [d["score"] for d in details] == [1, 1, 0]
     table = (tmp_path / "mecha-ja" / "results.md").read_text(encoding="utf-8")
-    assert "| mecha-ja | accuracy | 0.67 | — | greedy, max_new_tokens 256 |" in table
+    assert "| mecha-ja | accuracy (0-1) | 0.67 | — | greedy, max_new_tokens 256 |" in table

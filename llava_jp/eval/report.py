@@ -85,9 +85,9 @@ def markdown_table(scores: dict) -> str:
 _METRIC_LABELS = {
     "rouge-l": "ROUGE-L",
     "heron-bench": "Heron-Bench rel.",
-    "jmmmu": "accuracy",
-    "jdocqa": "JDocQA score",
-    "mecha-ja": "accuracy",
+    "jmmmu": "accuracy (0-1)",
+    "jdocqa": "JDocQA score (0-1)",
+    "mecha-ja": "accuracy (0-1)",
     "own": "ROUGE-L",
 }
 
