@@ -49,7 +49,10 @@ def _cell(value: float | None) -> str:
 
 
 def markdown_table(scores: dict) -> str:
-    """Our model's row in bold above the published rows, one column per benchmark."""
+    """Our model's row in bold above the published rows, one column per benchmark (when one of
+    them ran), then every task with its judge column, then own data per question type."""
+    if not any(task in BENCHMARKS for task in scores.get("tasks", {})):
+        return all_tasks_table(scores).lstrip("\n") + own_data_tables(scores)
     ours = headline(scores)
     header = "| model | params | " + " | ".join(BENCHMARKS.values()) + " |"
     lines = [header, "|" + "---|" * (len(BENCHMARKS) + 2)]
