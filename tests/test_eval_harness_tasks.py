@@ -96,3 +96,19 @@ def test_run_eval_scores_each_task_with_its_harness_metric(tmp_path, sources):
     assert [d["score"] for d in details] == [1, 1, 0]
     table = (tmp_path / "mecha-ja" / "results.md").read_text(encoding="utf-8")
     assert "| mecha-ja | accuracy (0-1) | 0.67 | — | greedy, max_new_tokens 256 |" in table
+
+
+def test_jdocqa_gets_the_leaderboard_judge_and_jmmmu_does_not(tmp_path, sources):
+    from llava_jp.eval import JudgeClient
+    from tests.fakes.eval_data import StandInJudge
+
+    def generate(images, questions):
+        return ["はい" if "公開" in q else "A" for q in questions]
+
+    with StandInJudge() as judge:
+        client = JudgeClient(judge.base_url, "stand-in", backoff_s=0)
+        scores = run_eval(["jdocqa", "jmmmu"], generate, tmp_path, client, llm_judge_rouge=True,
+                          sources=sources, progress=False)["tasks"]
+        assert judge.request_count == 4  # JDocQA's 4 questions; JMMMU has no judge column
+    assert scores["jdocqa"]["llm_judge"]["score"] == pytest.approx((5 + 2 + 2 + 2) / 4)
+    assert "llm_judge" not in scores["jmmmu"]
