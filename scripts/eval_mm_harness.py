@@ -97,7 +97,7 @@ def _local_loader(root: Path):
         # Without the files' feature metadata: files written by a newer `datasets` than the
         # harness's 2.18 name types it cannot read. Image columns are recognised by their
         # {bytes, path} struct and decoded to PIL images as the hub loader would.
-        table = pa.concat_tables([pq.read_table(f) for f in files(split, name)])
+        table = pa.concat_tables([pq.read_table(f) for f in files(split, name)], promote_options="default")
         dataset = datasets.Dataset(table.replace_schema_metadata(None))
         for column, kind in zip(table.schema.names, table.schema.types):
             if pa.types.is_struct(kind) and {f.name for f in kind} == {"bytes", "path"}:

@@ -308,7 +308,8 @@ def _parquet_table(files: Sequence[Path]):
     import pyarrow.parquet as pq
 
     # In memory, no HF cache: the benchmark files are small (< 100 MB).
-    table = pa.concat_tables([pq.read_table(f) for f in files])
+    # promote: subjects whose unused image columns are all null still concatenate
+    table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
     return datasets.Dataset(table)
 
 
