@@ -218,14 +218,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def load_model(model_path: str, device: str | None = None):
-    """(model, processor) of a saved llava-jp model, in eval mode on ``device`` (default: cuda if any)."""
-    import torch
+    """(model, processor) of a saved llava-jp model, in eval mode on ``device`` (default: cuda if
+    any), through the one loader (bf16 on a GPU that supports it, else float32)."""
+    from llava_jp.infer.load import default_device, inference_dtype
+    from llava_jp.infer.load import load_model as load
 
-    from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = LlavaJpForConditionalGeneration.from_pretrained(model_path).to(device).eval()
-    return model, LlavaJpProcessor.from_pretrained(model_path)
+    device = device or default_device()
+    model, processor = load(model_path, dtype=inference_dtype(device), device=device)
+    return model.eval(), processor
 
 
 def model_generate_fn(model_path: str, max_new_tokens: int = 256, device: str | None = None) -> GenerateFn:

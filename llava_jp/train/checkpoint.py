@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from llava_jp.infer.load import parse_dtype, save_model
+
 STATE_FILE = "state.json"
 PROJECTOR_FILE = "projector.safetensors"  # stage 1's output
 MODEL_SUBDIR = "model"  # stage 2's output
@@ -177,18 +179,19 @@ def atomic_write(final: Path, write) -> None:
 
 def save_result(model, processor, cfg, state_dict: dict) -> Path:
     """Stage 1: only the projector (safetensors). Stage 2: a full `from_pretrained` directory.
+    Both in `cfg.save_dtype` (the dtype policy: `llava_jp.infer.load`).
     `state_dict` is the full model's, from `accelerator.get_state_dict` (which gathers FSDP /
     ZeRO-3 shards)."""
     out = Path(cfg.output_dir)
+    dtype = parse_dtype(cfg.save_dtype, "save_dtype")
     if cfg.stage == 1:
         prefix = "multi_modal_projector."
-        weights = {k[len(prefix):]: v.contiguous() for k, v in state_dict.items() if k.startswith(prefix)}
+        weights = {k[len(prefix):]: v.to(dtype).contiguous() for k, v in state_dict.items() if k.startswith(prefix)}
         atomic_write(out / PROJECTOR_FILE, lambda tmp: save_file(weights, tmp))
         return out / PROJECTOR_FILE
 
     def write(path: Path) -> None:
-        model.save_pretrained(path, state_dict=state_dict)
-        processor.save_pretrained(path)
+        save_model(model, processor, path, dtype, state_dict=state_dict)
 
     atomic_write(out / MODEL_SUBDIR, write)
     return out / MODEL_SUBDIR

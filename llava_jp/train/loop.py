@@ -28,7 +28,7 @@ from transformers import get_scheduler
 
 from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
 from llava_jp.train import features as feature_cache
-from llava_jp.presets.builder import build
+from llava_jp.infer.load import load_model
 from llava_jp.core.modeling import IGNORE_INDEX
 from llava_jp.core.processing import IMAGE_FAULTS
 from llava_jp.train import checkpoint as ckpt
@@ -43,11 +43,7 @@ logger = logging.getLogger(__name__)
 # -- model ---------------------------------------------------------------------------------
 def setup_model(cfg: TrainConfig) -> tuple[LlavaJpForConditionalGeneration, LlavaJpProcessor]:
     """Load or build the model, load a stage-1 projector, and set what trains."""
-    if cfg.model:
-        model = LlavaJpForConditionalGeneration.from_pretrained(cfg.model)
-        processor = LlavaJpProcessor.from_pretrained(cfg.model)
-    else:
-        model, processor = build(cfg.preset, pretrained=True)
+    model, processor = load_model(cfg.model or cfg.preset, dtype=torch.float32)
     if cfg.template:
         processor.template = cfg.template
     if cfg.pretrained_projector:
