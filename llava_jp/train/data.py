@@ -55,7 +55,9 @@ def load_records(data_path: str) -> tuple[datasets.Dataset, str]:
         if not isinstance(rows, list):
             raise DataError(f"{data_path}: expected a JSON list of samples")
         rows = [r if isinstance(r, dict) else {} for r in rows]
+        # turing-motors/LLaVA-v1.5-Instruct-620K-JA writes `image` as a path or a list of one path
         images = [r.get("image") for r in rows]
+        images = [im[0] if isinstance(im, list) and len(im) == 1 else im for im in images]
         # conversations are kept as JSON text: Arrow needs one schema, LLaVA rows vary
         return datasets.Dataset.from_dict({
             "id": [_storable(str(r.get("id", i))) for i, r in enumerate(rows)],
