@@ -93,14 +93,17 @@ def _caption_sample(model: LlavaJpForConditionalGeneration, caption_tokens: int)
 def memory_step(device: torch.device, precision: str, seq_len: int = 1532,
                 preset_name: str = "llava-jp-1.3b-s2", stage: int = 2, batch: int = 1,
                 gradient_checkpointing: bool | None = None, cached_features: bool = False,
-                caption_tokens: int = 40) -> dict:
+                caption_tokens: int = 40, lm_layers: int | None = None) -> dict:
     """One training step; returns peak memory figures and live tensor bytes after each phase.
 
     `precision="fp32"` runs without autocast (CPUs without bf16 units run bf16 matmuls hundreds
     of times slower). Stage 2 keeps the bf16 run's storage (the frozen tower still computes in
     bf16, as stored); stage 1 then stores its frozen parts in fp32 too (policy for
     `mixed_precision: no`), so its figures bound the bf16 run's from above.
-    `gradient_checkpointing` None: as the stage's recipe config says.
+    `gradient_checkpointing` None: as the stage's recipe config says. `lm_layers`: build the LM
+    with this many layers (full width): activations grow linearly with depth and batch, so runs
+    at 2 and 4 layers, batch 1 and 2, extrapolate to 24 layers at batch 32 on a machine where the
+    full step does not fit or takes hours (docs/training.md).
     Run it in a fresh process: the RSS peak is the process's.
     """
     import psutil
@@ -109,6 +112,8 @@ def memory_step(device: torch.device, precision: str, seq_len: int = 1532,
     from llava_jp.train.optim import build_optimizer, prepare_for_training
 
     preset = load_preset(preset_name)
+    if lm_layers is not None:
+        preset.language_model.config = {**preset.language_model.config, "n_layer": lm_layers}
     overrides = {"gradient_checkpointing": gradient_checkpointing} if gradient_checkpointing is not None else {}
     if stage == 2:
         cfg = load_config("stage2", preset=preset_name, data_path="unused", per_device_batch_size=1,
@@ -151,7 +156,7 @@ def memory_step(device: torch.device, precision: str, seq_len: int = 1532,
         live["after_optimizer_step"] = tracker.live / GIB
         optimizer.zero_grad(set_to_none=True)
     report = {
-        "preset": preset_name, "stage": stage, "device": str(device), "compute": precision, "seq_len": seq_len,
+        "preset": preset_name, "lm_layers": model.config.text_config.num_hidden_layers, "stage": stage, "device": str(device), "compute": precision, "seq_len": seq_len,
         "batch": batch, "gradient_checkpointing": cfg.gradient_checkpointing, "cached_features": cached_features,
         "supervised_tokens": batch * sum(label != -100 for label in labels[1:]),
         "loss": float(loss.detach()), "step_s": time.perf_counter() - start,

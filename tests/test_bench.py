@@ -60,3 +60,14 @@ def test_memory_step_counts_weights_gradients_and_optimizer_state():
     assert abs(live["after_optimizer_step"] - live["after_backward"] - state) < 0.05 * state
     assert live["after_backward"] - live["model_and_batch"] > 0.9 * trainable * 4 / gib  # fp32 gradients
     assert report["peak_tensor_gib"] >= live["after_optimizer_step"] and report["loss"] == report["loss"]
+
+
+def test_memory_step_runs_stage1_at_a_batch_from_cached_features():
+    from benchmarks.memory import memory_step
+
+    report = memory_step(torch.device("cpu"), "fp32", preset_name="tiny", stage=1, batch=2,
+                         gradient_checkpointing=True, cached_features=True, lm_layers=1)
+    assert report["stage"] == 1 and report["batch"] == 2 and report["lm_layers"] == 1
+    assert report["seq_len"] == 16 + 40 and report["supervised_tokens"] == 2 * 40
+    assert report["gradient_checkpointing"] is True and report["cached_features"] is True
+    assert report["peak_tensor_gib"] > report["live_tensor_gib"]["model_and_batch"]
