@@ -133,3 +133,18 @@ def test_save_dtype_is_deliberate_and_recorded(tiny, tmp_path):
     assert json.loads((tmp_path / "fp32" / "config.json").read_text())["dtype"] == "float32"
     with pytest.raises(ValueError, match="save_dtype"):
         load_config(None, preset="tiny", data_path="x.json", save_dtype="int8")
+
+
+def test_stage1_trains_the_projector_through_a_bf16_frozen_lm_with_checkpointing(train_workspace, tmp_path):
+    # the stage-1 recipe: frozen LM and tower stored in bf16, bf16 autocast, activation checkpointing
+    from safetensors.torch import load_file
+
+    cfg = load_config(None, model=str(train_workspace["base"]), stage=1, template="plain", mixed_precision="bf16",
+                      gradient_checkpointing=True, data_path=str(train_workspace["stage1"]),
+                      image_folder=str(train_workspace["images"]), output_dir=str(tmp_path / "run"), max_steps=2,
+                      per_device_batch_size=4, learning_rate=1e-3, warmup_ratio=0.0, max_length=256)
+    summary = train(cfg)
+    projector = load_file(summary["output"])
+    before = LlavaJpForConditionalGeneration.from_pretrained(train_workspace["base"]).multi_modal_projector
+    assert projector["0.weight"].dtype == torch.float32
+    assert not torch.equal(projector["0.weight"], before[0].weight.detach())
