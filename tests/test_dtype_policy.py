@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from PIL import Image
 from transformers import GPT2Config, GPT2LMHeadModel, SiglipVisionConfig, SiglipVisionModel
 
@@ -18,6 +19,14 @@ from llava_jp.presets.tokenizers import build_bpe_tokenizer
 from llava_jp.train.config import load_config
 from llava_jp.train.loop import setup_model, train
 from tests.helpers import write_preset
+
+
+@pytest.fixture(autouse=True)
+def _fresh_mixed_precision():
+    """accelerate keeps one mixed-precision setting per process; these tests switch it."""
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +104,10 @@ def bf16_run(train_workspace, tmp_path_factory):
                       data_path=str(train_workspace["stage2"]), image_folder=str(train_workspace["images"]),
                       output_dir=str(out), max_steps=2, save_steps=1, per_device_batch_size=4,
                       learning_rate=1e-3, warmup_ratio=0.0, max_length=256, logging_steps=1)
-    return cfg, train(cfg)
+    AcceleratorState._reset_state()
+    summary = train(cfg)
+    AcceleratorState._reset_state()
+    return cfg, summary
 
 
 def test_a_bf16_run_saves_and_records_float32(bf16_run):

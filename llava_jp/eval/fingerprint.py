@@ -43,14 +43,20 @@ def model_files(name_or_path: str | Path) -> Path:
 def model_fingerprint(name_or_path: str | Path, generation: dict) -> dict:
     """{"model", "fingerprint", "generation"}: a hash over the model's files (weights, configs,
     processor, tokenizer, remote code: name and content) and the generation settings."""
-    root = model_files(name_or_path)
-    files = sorted(p for p in root.iterdir()
-                   if p.is_file() and p.suffix in MODEL_SUFFIXES and p.name not in EVAL_FILES)
+    try:
+        root = model_files(name_or_path)
+    except Exception:  # noqa: BLE001 -- no local files (a generate function not backed by a folder): the name stands in
+        root = None
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{path.relative_to(root).as_posix()}\0{_file_digest(path)}\n".encode())
+    if root is None:
+        digest.update(f"name:{name_or_path}\n".encode())
+    else:
+        for path in sorted(p for p in root.iterdir()
+                           if p.is_file() and p.suffix in MODEL_SUFFIXES and p.name not in EVAL_FILES):
+            digest.update(f"{path.relative_to(root).as_posix()}\0{_file_digest(path)}\n".encode())
     digest.update(json.dumps(generation, sort_keys=True).encode())
-    return {"model": str(name_or_path), "fingerprint": digest.hexdigest()[:16], "generation": generation}
+    return {"model": str(name_or_path), "fingerprint": digest.hexdigest()[:16], "generation": generation,
+            "by": "name" if root is None else "files"}
 
 
 def claim_out_dir(out_dir: Path, fingerprint: dict) -> None:
