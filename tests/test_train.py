@@ -243,21 +243,3 @@ def test_time_budget_stops_with_a_checkpoint_that_resumes(workspace, tmp_path):
     finished = train(_cfg(workspace, tmp_path, stage=2, max_steps=4), resume=True)
     assert not finished["stopped_early"] and finished["steps"] == 4
     assert [json.loads(l)["step"] for l in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
-
-
-def test_sharded_strategies_are_recognised_for_the_checkpoint_guard():
-    from types import SimpleNamespace
-
-    from accelerate.utils import DistributedType
-
-    from llava_jp.train.loop import _shards_parameters
-
-    def acc(kind, stage=None):
-        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(
-            deepspeed_plugin=SimpleNamespace(zero_stage=stage) if stage is not None else None))
-
-    assert _shards_parameters(acc(DistributedType.FSDP))
-    assert _shards_parameters(acc(DistributedType.DEEPSPEED, 3))
-    assert not _shards_parameters(acc(DistributedType.DEEPSPEED, 2))
-    assert not _shards_parameters(acc(DistributedType.MULTI_GPU))
-    assert not _shards_parameters(acc(DistributedType.NO))
