@@ -243,3 +243,38 @@ def test_time_budget_stops_with_a_checkpoint_that_resumes(workspace, tmp_path):
     finished = train(_cfg(workspace, tmp_path, stage=2, max_steps=4), resume=True)
     assert not finished["stopped_early"] and finished["steps"] == 4
     assert [json.loads(l)["step"] for l in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def _cli_args(ws, out, *extra):
+    return ["train", "--model", str(ws["base"]), "--data_path", str(ws["mixed"]), "--image_folder", str(ws["images"]),
+            "--output_dir", str(out), "--stage", "2", "--per_device_batch_size", "8", "--max_steps", "2",
+            "--save_steps", "1", "--logging_steps", "1", "--max_length", "256", "--seed", "5", *extra]
+
+
+def test_resume_refuses_a_changed_run_and_says_what_changed(workspace, tmp_path, capsys):
+    from llava_jp.cli import main
+
+    assert main(_cli_args(workspace, tmp_path)) == 0
+    capsys.readouterr()
+    # same global batch (8), other accumulation: a different loss normalisation and data split per micro-batch
+    changed = ["--per_device_batch_size", "4", "--gradient_accumulation_steps", "2"]
+    assert main(_cli_args(workspace, tmp_path, *changed, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "per_device_batch_size 8 -> 4" in err and "gradient_accumulation_steps 1 -> 2" in err
+    assert "--allow_resume_changes" in err and "Traceback" not in err
+    assert main(_cli_args(workspace, tmp_path, *changed, "--resume", "--allow_resume_changes")) == 0
+
+
+def test_resume_fails_when_the_checkpoint_misses_a_trainable_weight(workspace, tmp_path):
+    train(_cfg(workspace, tmp_path, stage=2, max_steps=2, save_steps=1))
+    (saved,) = ckpt.complete_checkpoints(tmp_path)
+    weights = load_file(saved / ckpt.TRAINABLE_FILE)
+    dropped = "multi_modal_projector.0.weight"
+    del weights[dropped]
+    from safetensors.torch import save_file
+    save_file(weights, saved / ckpt.TRAINABLE_FILE)
+    state = ckpt.read_state(saved)
+    state["files"][ckpt.TRAINABLE_FILE] = (saved / ckpt.TRAINABLE_FILE).stat().st_size  # still looks complete
+    (saved / ckpt.STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(ckpt.CheckpointError, match=f"missing \\['{dropped}'\\]"):
+        train(_cfg(workspace, tmp_path, stage=2, max_steps=2, save_steps=1), resume=True)

@@ -194,6 +194,7 @@ def train(cfg: TrainConfig, resume: bool = False, allow_resume_changes: bool = F
     lengths = dataset["length"]
     has_image = [bool(x) for x in dataset["image"]]
     world, rank = accelerator.num_processes, accelerator.process_index
+    strategy.refuse_unsupported(accelerator, cfg, text_only_samples=not all(has_image))
     batches, total_steps = _schedule(lengths, has_image, cfg, cfg.per_device_batch_size * world, world)
     run = {"strategy": strategy.name(accelerator), "world_size": world, "per_device_batch_size": cfg.per_device_batch_size,
            "gradient_accumulation_steps": accum, "total_steps": total_steps}
@@ -211,6 +212,9 @@ def train(cfg: TrainConfig, resume: bool = False, allow_resume_changes: bool = F
 
     state = _resume(out, unwrapped, scheduler, accelerator, run, allow_resume_changes) if resume else None
     start_step = state["step"] if state else 0
+    # accelerate's micro-batch counter decides where an accumulation ends; load_state restores the
+    # saved one, which an accepted change of accumulation would leave off our step boundary
+    accelerator.step = start_step * accum
     tally = _Tally(accelerator, state.get("data") if state else None)
     if cfg.report_to:
         accelerator.init_trackers("llava-jp", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))})

@@ -48,6 +48,17 @@ def configure(accelerator: Accelerator, cfg) -> None:
     accelerator.gradient_accumulation_steps = accum  # also overrides ACCELERATE_GRADIENT_ACCUMULATION_STEPS
 
 
+def refuse_unsupported(accelerator: Accelerator, cfg, text_only_samples: bool) -> None:
+    """ZeRO-3 keeps the previous step's gradient for a weight that a step's first micro-batch
+    does not use. The projector is always used (see `embed_inputs`); a trainable vision tower
+    is not, on text-only micro-batches, so that combination would train on stale gradients."""
+    if (name(accelerator) == "zero3" and cfg.train_vision_tower and text_only_samples
+            and cfg.gradient_accumulation_steps > 1):
+        raise ValueError("train_vision_tower with text-only samples and gradient_accumulation_steps > 1 is not supported "
+                         "under DeepSpeed ZeRO-3 (stale gradients for the tower): use ZeRO-2 or FSDP, "
+                         "--gradient_accumulation_steps 1, or data with an image in every sample")
+
+
 def save_state_kwargs(accelerator: Accelerator) -> dict:
     """DeepSpeed: leave the frozen parameters out of the checkpoint (the base model has them)."""
     return {"exclude_frozen_parameters": True} if is_deepspeed(accelerator) else {}
