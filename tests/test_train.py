@@ -278,3 +278,28 @@ def test_resume_fails_when_the_checkpoint_misses_a_trainable_weight(workspace, t
     (saved / ckpt.STATE_FILE).write_text(json.dumps(state))
     with pytest.raises(ckpt.CheckpointError, match=f"missing \\['{dropped}'\\]"):
         train(_cfg(workspace, tmp_path, stage=2, max_steps=2, save_steps=1), resume=True)
+
+
+def test_deepspeed_takes_accumulation_clipping_and_micro_batch_from_the_training_config():
+    """An accelerate config that says gradient_accumulation_steps: 1 would make DeepSpeed step
+    after every micro-batch; the trainer fills these values in or refuses a conflicting one."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from llava_jp.train import strategy
+
+    def accelerator(ds_config):
+        plugin = SimpleNamespace(deepspeed_config=ds_config, zero_stage=2)
+        return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin),
+                               gradient_accumulation_steps=1, num_processes=2)
+
+    cfg = load_config("stage2", ["--gradient_accumulation_steps", "4", "--per_device_batch_size", "2"])
+    acc = accelerator({"gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 2}})
+    strategy.configure(acc, cfg)
+    assert acc.gradient_accumulation_steps == 4
+    assert acc.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"] == 4
+    assert acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 2
+    assert acc.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] == cfg.max_grad_norm
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=1 but the training config's value is 4"):
+        strategy.configure(accelerator({"gradient_accumulation_steps": 1}), cfg)
