@@ -89,7 +89,9 @@ def test_the_source_loads_no_pickle_unsafely_and_sets_trust_remote_code_only_in_
                     problems.append(f"{where}:{call.lineno}: trust_remote_code outside the release probe")
     assert problems == []
     assert remote_code == REMOTE_CODE_ALLOWED  # the probe still exists (else update the allowance and the docs)
-    assert torch_loads >= 4  # the scan sees the checkpoint and import loaders
+    # the scan sees the checkpoint and import loaders (a checkpoint's optimizer and RNG files are read by
+    # accelerate's load_state, weights_only by default: test_hostile_pickles_are_refused_without_running)
+    assert torch_loads >= 2
     checked("modules scanned", modules)
     checked("torch.load calls, all weights_only=True", torch_loads)
 
