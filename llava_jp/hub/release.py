@@ -35,6 +35,7 @@ from llava_jp.core.configuration import LlavaJpConfig
 from llava_jp.core.modeling import LlavaJpForConditionalGeneration
 from llava_jp.core.processing import LlavaJpProcessor
 from llava_jp.core.templates import IMAGE_MARKER, get_template
+from llava_jp.infer.load import load_model, save_model
 
 AUTO_MAP = {
     "AutoConfig": "configuration.LlavaJpConfig",
@@ -76,8 +77,7 @@ def save_release_files(model: LlavaJpForConditionalGeneration, processor: LlavaJ
     model.config.auto_map = {"AutoModel": AUTO_MAP["AutoModel"]}
     try:
         with _registered_for_auto_classes():
-            model.save_pretrained(out, max_shard_size=max_shard_size)
-            processor.save_pretrained(out)
+            save_model(model, processor, out, model.dtype, max_shard_size=max_shard_size)
     finally:
         model.config.auto_map = None
     missing = [name for name in REMOTE_CODE if not (out / name).exists()]
@@ -133,8 +133,8 @@ def probe_image(size: int) -> Image.Image:
 def verify_release(source: str | Path, release_dir: str | Path, max_new_tokens: int = 8, timeout: float = 3600) -> dict:
     """Load `release_dir` in a process that cannot import llava_jp and compare its greedy
     generation and logits on a probe image with the source model's (fp32, CPU)."""
-    model = LlavaJpForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()
-    processor = LlavaJpProcessor.from_pretrained(source)
+    model, processor = load_model(source, dtype=torch.float32)
+    model.eval()
     with tempfile.TemporaryDirectory() as tmp:
         image_path = str(Path(tmp) / "probe.png")
         probe_image(model.config.image_size).save(image_path)
@@ -209,8 +209,7 @@ def release(
         raise ReleaseError(f"{out} is not empty; release into a new or empty directory")
     if isinstance(scores, (str, Path)):
         scores = load_scores(scores)
-    model = LlavaJpForConditionalGeneration.from_pretrained(model_dir)
-    processor = LlavaJpProcessor.from_pretrained(model_dir)
+    model, processor = load_model(model_dir, dtype="saved")  # the release keeps the dtype the model was saved in
     out.mkdir(parents=True, exist_ok=True)
     save_release_files(model, processor, out, max_shard_size)
     summary = model_summary(model, processor)

@@ -53,6 +53,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # "bf16": autocast over fp32 master weights
     gradient_checkpointing: bool = False
     seed: int = 42
+    save_dtype: str = "float32"  # every weight of the final output, recorded in its config (llava_jp/infer/load.py)
 
     # bookkeeping
     logging_steps: int = 10
@@ -72,6 +73,8 @@ class TrainConfig:
             raise ValueError("data_path: required")
         if self.optimizer not in ("adamw", "adamw_8bit"):
             raise ValueError(f"optimizer: expected 'adamw' or 'adamw_8bit', got {self.optimizer!r}")
+        if self.save_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"save_dtype: expected 'float32', 'bfloat16' or 'float16', got {self.save_dtype!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision: expected 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         for name in ("per_device_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps", "save_steps",
