@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from llava_jp.errors import UserError
 from llava_jp.presets.builder import build
 from llava_jp.infer.chat import QUICKSTART_MODEL_DIR
 from llava_jp.infer.generate import generate_answers
@@ -66,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r}: is a file, expected a folder")
     torch.manual_seed(args.seed)
     data = write_dataset(out / "data", args.train_images, args.test_images, seed=args.seed)
     model, processor = build("tiny", pretrained=False)

@@ -163,5 +163,5 @@ def test_cli_arguments_drive_run_eval(tmp_path, sources, monkeypatch, capsys):
     assert scores["model"] == "my-model"
     assert set(scores["tasks"]) == {"ja-vlm-bench-in-the-wild", "heron-bench"}
     assert "| **my-model** |" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="TASK=SOURCE"):
+    with pytest.raises(ValueError, match="TASK=SOURCE"):
         runner.main_eval(parser.parse_args(["--model", "m", "--out", str(tmp_path), "--data", "nope"]))

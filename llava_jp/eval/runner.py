@@ -23,6 +23,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
+from llava_jp.errors import UserError, closest
 from llava_jp.eval._jsonl import append_records, read_records
 from llava_jp.eval.judge import HERON_STYLES, JudgeClient, Judgment, judge_heron, judge_one_to_five
 from llava_jp.eval.report import write_report
@@ -171,7 +172,7 @@ def _parse_sources(pairs: Sequence[str]) -> dict[str, str]:
     for pair in pairs:
         name, sep, source = pair.partition("=")
         if not sep or name not in TASKS:
-            raise SystemExit(
+            raise UserError(
                 f"--data expects TASK=SOURCE with TASK one of {sorted(TASKS)}, got {pair!r}"
             )
         sources[name] = source
@@ -223,9 +224,12 @@ def load_model(model_path: str, device: str | None = None):
 
     from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
 
+    from llava_jp.errors import loading
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = LlavaJpForConditionalGeneration.from_pretrained(model_path).to(device).eval()
-    return model, LlavaJpProcessor.from_pretrained(model_path)
+    with loading(model_path, "--model"):
+        model = LlavaJpForConditionalGeneration.from_pretrained(model_path).to(device).eval()
+        return model, LlavaJpProcessor.from_pretrained(model_path)
 
 
 def model_generate_fn(model_path: str, max_new_tokens: int = 256, device: str | None = None) -> GenerateFn:
@@ -245,7 +249,8 @@ def main_eval(args: argparse.Namespace) -> dict:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise SystemExit(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}")
+        raise UserError(f"--tasks: unknown task(s) {unknown}; choose from {sorted(TASKS)}"
+                        + closest(unknown[0], TASKS))
     sources = _parse_sources(args.data)
     out_dir = Path(args.out)
     judge = JudgeClient.from_env(

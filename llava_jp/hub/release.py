@@ -32,6 +32,7 @@ from llava_jp.hub.card import CardInfo, load_scores, render_model_card
 from llava_jp.core.modeling import LlavaJpForConditionalGeneration
 from llava_jp.core.processing import LlavaJpProcessor
 from llava_jp.core.templates import IMAGE_MARKER, get_template
+from llava_jp.errors import UserError, existing_dir
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "core"
 # package module -> remote-code module in the release, in dependency order
@@ -225,9 +226,10 @@ def release(
     """Write the release folder, verify it, write the card, then push if asked. Returns a report."""
     out = Path(out)
     if push and not repo_id:
-        raise ReleaseError("--push needs --repo-id ORG/NAME")
+        raise UserError("--push needs --repo-id ORG/NAME")
     if out.exists() and any(out.iterdir()):
-        raise ReleaseError(f"{out} is not empty; release into a new or empty directory")
+        raise UserError(f"--out {str(out)!r}: not empty; release into a new or empty directory")
+    existing_dir(model_dir, "--model")
     if isinstance(scores, (str, Path)):
         scores = load_scores(scores)
     model = LlavaJpForConditionalGeneration.from_pretrained(model_dir)

@@ -31,9 +31,10 @@ from llava_jp.train import features as feature_cache
 from llava_jp.presets.builder import build
 from llava_jp.core.modeling import IGNORE_INDEX
 from llava_jp.core.processing import IMAGE_FAULTS
+from llava_jp.errors import existing_dir, existing_file, loading
 from llava_jp.train import checkpoint as ckpt
 from llava_jp.train.checkpoint import save_result, write_json
-from llava_jp.train.config import TrainConfig, load_config
+from llava_jp.train.config import TrainConfig, parse_args
 from llava_jp.train.data import Collator, DataError, encode_dataset, grouped_batches, load_records
 from llava_jp.train.optim import build_optimizer, prepare_for_training
 
@@ -44,14 +45,15 @@ logger = logging.getLogger(__name__)
 def setup_model(cfg: TrainConfig) -> tuple[LlavaJpForConditionalGeneration, LlavaJpProcessor]:
     """Load or build the model, load a stage-1 projector, and set what trains."""
     if cfg.model:
-        model = LlavaJpForConditionalGeneration.from_pretrained(cfg.model)
-        processor = LlavaJpProcessor.from_pretrained(cfg.model)
+        with loading(cfg.model, "model"):
+            model = LlavaJpForConditionalGeneration.from_pretrained(cfg.model)
+            processor = LlavaJpProcessor.from_pretrained(cfg.model)
     else:
         model, processor = build(cfg.preset, pretrained=True)
     if cfg.template:
         processor.template = cfg.template
     if cfg.pretrained_projector:
-        weights = load_file(cfg.pretrained_projector)
+        weights = load_file(existing_file(cfg.pretrained_projector, "pretrained_projector"))
         model.multi_modal_projector.load_state_dict(weights, strict=True)
     prepare_for_training(model, cfg)
     return model, processor
@@ -150,8 +152,10 @@ def _shards_parameters(accelerator: Accelerator) -> bool:
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run one training stage; returns a summary (also written to output_dir/summary.json)."""
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.image_folder:
+        existing_dir(cfg.image_folder, "image_folder")
     model, processor = setup_model(cfg)
+    out.mkdir(parents=True, exist_ok=True)
     with_text_only = True  # a text-only batch leaves the projector without gradient
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
@@ -295,16 +299,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
 
 # -- CLI -----------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file or bundled config name (stage1, stage2)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    parser.epilog = "Any config key can be overridden: --learning_rate 1e-4 --output_dir runs/x"
-
-
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    """`llava-jp train`: its arguments (all of them, --help included) are parsed by train/config.py."""
+    cfg, resume = parse_args(args.overrides)
     try:
-        summary = train(cfg, resume=args.resume)
+        summary = train(cfg, resume=resume)
     except (DataError, ckpt.CheckpointError) as err:  # a bad sample under strict_data, a full disk, ...
         tqdm.write(f"error: {err}", file=sys.stderr)  # on its own line, under the progress bar
         return 1
