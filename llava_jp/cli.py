@@ -15,6 +15,8 @@ from llava_jp.errors import UserError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("llava_jp.info", "parameter counts and image-token shape of a preset or model"),
     "train": ("llava_jp.train.loop", "train one stage from a YAML config (--key value overrides any field)"),
+    "init": ("llava_jp.presets.init", "save a preset's model (random or downloaded weights) as the base both stages start from"),
+    "plot": ("llava_jp.train.curves", "draw the loss and learning-rate curves of one or several runs into a PNG"),
     "quickstart": ("llava_jp.quickstart", "the whole pipeline on a tiny model and synthetic data, on CPU"),
     "data": ("data_ja.cli", "Japanese training data: convert, translate, check, mix"),
     "eval": ("llava_jp.eval.runner", "score a model on JA-VG-VQA-500, JA-VLM-Bench-In-the-Wild and Heron-Bench"),

@@ -64,6 +64,11 @@ def _cases(d: Path, tiny_dir: Path) -> list[tuple[list[str], str]]:
         (["cache-features", "--model", "tiny", "--data_path", str(d / "bad.json"), "--out", str(d / "c")],
          "malformed JSON"),
         (["bench", "--bogus"], "--bogus"),
+        (["init", "--preset", "tinny", "--out", str(d / "base")], "did you mean tiny"),
+        (["init", "--preset", "tiny", "--out", str(d / "a_file")], "--out"),
+        (["plot", missing], "no such folder"),
+        (["plot", str(d)], "no log.jsonl"),
+        (["train", "--preset", "tiny", "--data_path", ok, "--report_to", "tensorbord"], "did you mean tensorboard"),
     ]
 
 

@@ -31,7 +31,8 @@ from llava_jp.train import features as feature_cache
 from llava_jp.presets.builder import build
 from llava_jp.core.modeling import IGNORE_INDEX
 from llava_jp.core.processing import IMAGE_FAULTS
-from llava_jp.errors import existing_dir, existing_file, loading
+from llava_jp.errors import UserError, closest, existing_dir, existing_file, loading
+from llava_jp.train import curves
 from llava_jp.train import checkpoint as ckpt
 from llava_jp.train.checkpoint import save_result, write_json
 from llava_jp.train.config import TrainConfig, parse_args
@@ -57,6 +58,23 @@ def setup_model(cfg: TrainConfig) -> tuple[LlavaJpForConditionalGeneration, Llav
         model.multi_modal_projector.load_state_dict(weights, strict=True)
     prepare_for_training(model, cfg)
     return model, processor
+
+
+def check_trackers(names: list[str]) -> None:
+    """Every `report_to` tracker is known to accelerate and its package is installed; checked
+    before anything loads, so a run never finishes without the logging that was asked for."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = [t.value for t in LoggerType if t.value != "all"]
+    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    for name in names:
+        if name not in known:
+            raise UserError(f"report_to {name!r}: not a tracker accelerate knows ({', '.join(known)})"
+                            + closest(name, known))
+        if name not in available:
+            raise UserError(f"report_to {name!r}: its package is not installed (pip install {name}), "
+                            "or drop it from report_to; log.jsonl, trainer_state.json and curves.png are written anyway")
 
 
 # -- loop ----------------------------------------------------------------------------------
@@ -152,6 +170,7 @@ def _shards_parameters(accelerator: Accelerator) -> bool:
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run one training stage; returns a summary (also written to output_dir/summary.json)."""
     out = Path(cfg.output_dir)
+    check_trackers(cfg.report_to)
     if cfg.image_folder:
         existing_dir(cfg.image_folder, "image_folder")
     model, processor = setup_model(cfg)
@@ -294,6 +313,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if accelerator.is_main_process:
         summary["output"] = str(save_result(unwrapped, processor, cfg, state_dict))
         write_json(out / "summary.json", summary)
+        curves.finish_run(out, total_steps)
     accelerator.end_training()
     return summary
 
