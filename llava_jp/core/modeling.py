@@ -92,7 +92,8 @@ class LlavaJpForConditionalGeneration(PreTrainedModel, GenerationMixin):
         (n_images, num_image_tokens, hidden). The one place the projector runs."""
         if vision_features is None:
             vision_features = self.encode_images(pixel_values)
-        projector_dtype = self.multi_modal_projector[0].weight.dtype
+        # parameters(), not [0]: PEFT wraps a fully trained projector (LoRA's modules_to_save)
+        projector_dtype = next(self.multi_modal_projector.parameters()).dtype
         return self.multi_modal_projector(vision_features.to(projector_dtype))
 
     def embed_inputs(

@@ -222,14 +222,13 @@ def load_model(model_path: str, device: str | None = None):
     """(model, processor) of a saved llava-jp model, in eval mode on ``device`` (default: cuda if any)."""
     import torch
 
-    from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
-
     from llava_jp.errors import loading
+    from llava_jp.train.lora import load_trained
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with loading(model_path, "--model"):
-        model = LlavaJpForConditionalGeneration.from_pretrained(model_path).to(device).eval()
-        return model, LlavaJpProcessor.from_pretrained(model_path)
+        model, processor = load_trained(model_path)  # a model folder / hub id, or a LoRA adapter folder
+    return model.to(device).eval(), processor
 
 
 def model_generate_fn(model_path: str, max_new_tokens: int = 256, device: str | None = None) -> GenerateFn:

@@ -33,6 +33,7 @@ from llava_jp.core.modeling import LlavaJpForConditionalGeneration
 from llava_jp.core.processing import LlavaJpProcessor
 from llava_jp.core.templates import IMAGE_MARKER, get_template
 from llava_jp.errors import UserError, existing_dir
+from llava_jp.train.lora import load_trained
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "core"
 # package module -> remote-code module in the release, in dependency order
@@ -157,8 +158,8 @@ def probe_image(size: int) -> Image.Image:
 def verify_release(source: str | Path, release_dir: str | Path, max_new_tokens: int = 8, timeout: float = 3600) -> dict:
     """Load `release_dir` in a process that cannot import llava_jp and compare its greedy
     generation and logits on a probe image with the source model's (fp32, CPU)."""
-    model = LlavaJpForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()
-    processor = LlavaJpProcessor.from_pretrained(source)
+    model, processor = load_trained(source, dtype=torch.float32)
+    model.eval()
     with tempfile.TemporaryDirectory() as tmp:
         image_path = str(Path(tmp) / "probe.png")
         probe_image(model.config.image_size).save(image_path)
@@ -232,8 +233,7 @@ def release(
     existing_dir(model_dir, "--model")
     if isinstance(scores, (str, Path)):
         scores = load_scores(scores)
-    model = LlavaJpForConditionalGeneration.from_pretrained(model_dir)
-    processor = LlavaJpProcessor.from_pretrained(model_dir)
+    model, processor = load_trained(model_dir)  # a LoRA adapter folder is released merged
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size=max_shard_size)
     processor.save_pretrained(out)

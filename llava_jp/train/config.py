@@ -65,6 +65,18 @@ class TrainConfig:
     gradient_checkpointing: bool = HfArg(default=False, help="recompute LM activations in backward (less memory)")
     seed: int = HfArg(default=42, help="seeds data order, initialisation and dropout")
 
+    # LoRA / QLoRA (stage 2; train/lora.py)
+    lora: bool = HfArg(default=False, aliases=["--lora_enable"],
+                       help="stage 2 with LoRA adapters on the LM (PEFT); the projector still trains in full")
+    lora_r: int = HfArg(default=64, help="LoRA rank")
+    lora_alpha: int = HfArg(default=16, help="LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)")
+    lora_dropout: float = HfArg(default=0.05, help="dropout on the LoRA input")
+    lora_target_modules: list[str] = HfArg(
+        default_factory=lambda: ["all-linear"],
+        help="LM layers to adapt, by name (c_attn c_proj c_fc, q_proj v_proj, ...); all-linear: every linear but the head")
+    lora_merge: bool = HfArg(default=False, help="also write the merged model (model/) next to the adapter folder")
+    bits: int = HfArg(default=16, help="4: the frozen LM base in 4-bit NF4 through bitsandbytes (QLoRA); 16: as saved")
+
     # bookkeeping
     logging_steps: int = HfArg(default=10, help="steps between log.jsonl records")
     save_steps: int = HfArg(default=500, help="steps between checkpoints")
@@ -98,6 +110,18 @@ class TrainConfig:
             raise UserError("feature_cache: cached features need a frozen vision tower (train_vision_tower is true)")
         if not 0 <= self.warmup_ratio < 1:
             raise UserError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if self.bits not in (4, 16):
+            raise UserError(f"bits: expected 4 (QLoRA) or 16, got {self.bits}")
+        if self.lora or self.bits == 4:
+            if not self.lora:
+                raise UserError("bits 4: quantizes the frozen base for LoRA; set lora true (QLoRA)")
+            if self.stage != 2:
+                raise UserError("lora: adapters are for stage 2 (stage 1 trains only the projector)")
+            if self.train_vision_tower:
+                raise UserError("lora: the vision tower stays frozen with LoRA; set train_vision_tower false")
+            if self.model is None:
+                raise UserError("lora: start from a saved model (`model`); `llava-jp init --preset NAME --out DIR` "
+                                "writes one, and the adapter folder names it as its base")
         self.report_to = [t for t in self.report_to if t not in ("none", "")]
 
 

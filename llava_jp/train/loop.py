@@ -32,7 +32,7 @@ from llava_jp.presets.builder import build
 from llava_jp.core.modeling import IGNORE_INDEX
 from llava_jp.core.processing import IMAGE_FAULTS
 from llava_jp.errors import UserError, closest, existing_dir, existing_file, loading
-from llava_jp.train import curves
+from llava_jp.train import curves, lora
 from llava_jp.train import checkpoint as ckpt
 from llava_jp.train.checkpoint import save_result, write_json
 from llava_jp.train.config import TrainConfig, parse_args
@@ -44,10 +44,12 @@ logger = logging.getLogger(__name__)
 
 # -- model ---------------------------------------------------------------------------------
 def setup_model(cfg: TrainConfig) -> tuple[LlavaJpForConditionalGeneration, LlavaJpProcessor]:
-    """Load or build the model, load a stage-1 projector, and set what trains."""
+    """Load or build the model, load a stage-1 projector, and set what trains (with LoRA: the
+    model wrapped by PEFT)."""
     if cfg.model:
         with loading(cfg.model, "model"):
-            model = LlavaJpForConditionalGeneration.from_pretrained(cfg.model)
+            model = LlavaJpForConditionalGeneration.from_pretrained(
+                cfg.model, quantization_config=lora.quantization_config(cfg))
             processor = LlavaJpProcessor.from_pretrained(cfg.model)
     else:
         model, processor = build(cfg.preset, pretrained=True)
@@ -57,6 +59,8 @@ def setup_model(cfg: TrainConfig) -> tuple[LlavaJpForConditionalGeneration, Llav
         weights = load_file(existing_file(cfg.pretrained_projector, "pretrained_projector"))
         model.multi_modal_projector.load_state_dict(weights, strict=True)
     prepare_for_training(model, cfg)
+    if cfg.lora:
+        model = lora.add_adapters(model, cfg)
     return model, processor
 
 
@@ -173,6 +177,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     check_trackers(cfg.report_to)
     if cfg.image_folder:
         existing_dir(cfg.image_folder, "image_folder")
+    set_seed(cfg.seed)  # what setup draws (LoRA's initial adapters, a preset's random parts) is the seed's
     model, processor = setup_model(cfg)
     out.mkdir(parents=True, exist_ok=True)
     with_text_only = True  # a text-only batch leaves the projector without gradient
