@@ -46,11 +46,6 @@ def existing_dir(path: str | os.PathLike, what: str) -> Path:
     return p
 
 
-def _location(text: str, pos: int) -> tuple[int, int]:
-    line = text.count("\n", 0, pos) + 1
-    return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
-
-
 def parse_json(text: str, where: str):
     """JSON text; a syntax error names `where`, line and column."""
     try:
@@ -96,8 +91,9 @@ def _read_text(p: Path) -> str:
     try:
         return p.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        line, col = _location(err.object.decode("utf-8", "replace"), err.start)
-        raise UserError(f"{p}:{line}:{col}: not UTF-8 text") from None
+        data, at = err.object, err.start
+        line, col = data.count(b"\n", 0, at) + 1, at - (data.rfind(b"\n", 0, at) + 1) + 1
+        raise UserError(f"{p}:{line}:{col}: not UTF-8 text (byte column)") from None
 
 
 def looks_like_path(name: str) -> bool:
