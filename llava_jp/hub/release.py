@@ -229,7 +229,7 @@ def release(
     if push and not repo_id:
         raise UserError("--push needs --repo-id ORG/NAME")
     if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {str(out)!r}: not empty; release into a new or empty directory")
+        raise UserError(f"--out {str(out)!r}: is not empty; release into a new or empty directory")
     existing_dir(model_dir, "--model")
     if isinstance(scores, (str, Path)):
         scores = load_scores(scores)
