@@ -50,6 +50,7 @@ class Preset:
     language_model: LanguageModelSpec
     tokenizer: str
     projector: str = "mlp2x_gelu"
+    projector_pixel_shuffle: int = 1  # 2: 2x2 image tokens merged before the projector (729 -> 196)
     template: str = "llm-jp-v1"
     pad_to_square: bool = True
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -152,6 +153,7 @@ def build_config(preset: Preset, pretrained: bool = False, tokenizer=None) -> Ll
         s2_scales=preset.vision.s2_scales,
         s2_split_size=preset.vision.s2_split_size,
         projector_type=preset.projector,
+        projector_pixel_shuffle=preset.projector_pixel_shuffle,
     )
 
 

@@ -43,7 +43,12 @@ class TrainConfig:
     strict_data: bool = HfArg(default=False, help="stop at the first bad sample instead of skipping it")
     feature_cache: str | None = HfArg(
         default=None, help="`llava-jp cache-features --out` folder: frozen-tower features instead of pixels")
-    dataloader_num_workers: int = HfArg(default=0, help="DataLoader worker processes (0: load in the main process)")
+    # none on CPU by default: the loader would take the cores the step computes on (docs/benchmarks.md)
+    dataloader_num_workers: int | None = HfArg(
+        default=None, help="loader worker processes; unset: one per CPU core up to 8 per GPU process on CUDA, 0 on CPU")
+    dataloader_pin_memory: bool = HfArg(default=True, help="page-locked batches, copied to the GPU asynchronously (CUDA only)")
+    dataloader_persistent_workers: bool = HfArg(default=True, help="workers live across epochs (no restart per epoch)")
+    dataloader_prefetch_factor: int = HfArg(default=4, help="batches each worker prepares ahead")
 
     # optimisation
     output_dir: str = HfArg(default="outputs/run", help="checkpoints, log.jsonl and the result")
@@ -103,9 +108,12 @@ class TrainConfig:
             raise UserError(f"optimizer: expected 'adamw' or 'adamw_8bit', got {self.optimizer!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise UserError(f"mixed_precision: expected 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
-        for name in ("per_device_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps", "save_steps"):
+        for name in ("per_device_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps", "save_steps",
+                     "dataloader_prefetch_factor"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
+            raise UserError(f"dataloader_num_workers: must be >= 0, got {self.dataloader_num_workers}")
         if self.feature_cache and self.train_vision_tower:
             raise UserError("feature_cache: cached features need a frozen vision tower (train_vision_tower is true)")
         if not 0 <= self.warmup_ratio < 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 import datasets
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from llava_jp.errors import UserError, loading, looks_like_path, read_json, read_jsonl
 from llava_jp.train.features import FeatureCache
@@ -273,3 +275,36 @@ class Collator:
             batch["pixel_values"] = torch.cat(pixels)
         batch["faults"] = faults
         return batch
+
+
+# cap on loader workers per GPU process when `dataloader_num_workers` is unset: one worker
+# (~100 images/s at 768 px) covers an H200's stage-1 demand on paper (~55 samples/s,
+# docs/benchmarks.md); the rest is room for larger source images, slow disks and Python overhead
+AUTO_WORKERS_PER_GPU = 8
+
+
+def loader_workers(requested: int | None) -> int:
+    """`requested`, or the automatic choice: on CUDA the CPU cores this process may claim
+    (cores / processes on the node, less one for the training process), up to
+    `AUTO_WORKERS_PER_GPU`; on CPU none (workers would take the cores the step computes on)."""
+    if requested is not None:
+        return requested
+    if not torch.cuda.is_available():
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    return max(0, min(AUTO_WORKERS_PER_GPU, cores // max(per_node, 1) - 1))
+
+
+def make_loader(batches: list[list[int]], collator: Collator, cfg, seed: int = 0) -> DataLoader:
+    """The training DataLoader over precomputed batches of indices: worker processes run the
+    collator (image decoding and resizing) ahead of the step, with pinned memory on CUDA."""
+    workers = loader_workers(cfg.dataloader_num_workers)
+    extra = {}
+    if workers:
+        extra = {"persistent_workers": cfg.dataloader_persistent_workers, "prefetch_factor": cfg.dataloader_prefetch_factor}
+    return DataLoader(batches, batch_size=None, shuffle=False, collate_fn=collator, num_workers=workers,
+                      pin_memory=cfg.dataloader_pin_memory and torch.cuda.is_available(),
+                      # its own generator: creating the iterator must not draw from the global
+                      # RNG, or a resumed run's dropout masks would differ from the original's
+                      generator=torch.Generator().manual_seed(seed), **extra)

@@ -22,7 +22,6 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -36,7 +35,7 @@ from llava_jp.train import curves, lora
 from llava_jp.train import checkpoint as ckpt
 from llava_jp.train.checkpoint import save_result, write_json
 from llava_jp.train.config import TrainConfig, parse_args
-from llava_jp.train.data import Collator, DataError, encode_dataset, grouped_batches, load_records
+from llava_jp.train.data import Collator, DataError, encode_dataset, grouped_batches, load_records, make_loader
 from llava_jp.train.optim import build_optimizer, prepare_for_training
 
 logger = logging.getLogger(__name__)
@@ -220,11 +219,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     accum = cfg.gradient_accumulation_steps
     my_batches = [b[rank::world] for b in batches[start_step * accum: total_steps * accum]]
     collator = Collator(dataset, processor, cfg.image_folder, strict=cfg.strict_data, feature_cache=cache)
-    loader = DataLoader(my_batches, batch_size=None, shuffle=False, collate_fn=collator,
-                        num_workers=cfg.dataloader_num_workers,
-                        # its own generator: creating the iterator must not draw from the global
-                        # RNG, or a resumed run's dropout masks would differ from the original's
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    loader = make_loader(my_batches, collator, cfg, cfg.seed)
     batch_iter = iter(loader)
     log_path = out / "log.jsonl"
     progress = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_main_process,
@@ -248,7 +243,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         n_global = int(accelerator.reduce(torch.tensor(sum(_supervised_tokens(b) for b in micro), device=accelerator.device), "sum"))
         loss_sum = torch.zeros((), device=accelerator.device)
         for i, batch in enumerate(micro):
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             sync = accelerator.no_sync(model) if i < accum - 1 else nullcontext()
             with sync, accelerator.autocast():
                 summed = model(**batch, loss_reduction="sum").loss
