@@ -134,6 +134,13 @@ class LlavaJpForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if n_slots:
             projected = self.get_image_features(pixel_values, vision_features=image_features)
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), projected.to(embeds.dtype))
+        elif torch.is_grad_enabled() and self.multi_modal_projector[0].weight.requires_grad:
+            # training on text only: run the projector on zero images (LLaVA's `image_features[0:0]`)
+            # so its weights get a zero gradient instead of none; ZeRO-3 otherwise keeps the last
+            # step's gradient for weights a step's first micro-batch did not use
+            first = self.multi_modal_projector[0]
+            nothing = self.multi_modal_projector(embeds.new_zeros(0, first.in_features, dtype=first.weight.dtype))
+            embeds = embeds + nothing.sum().to(embeds.dtype)
         return embeds
 
     # -- forward -----------------------------------------------------------------------------

@@ -166,7 +166,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Each key's help ends with its type and default."""
 
     def _get_help_string(self, action):
-        if action.default is argparse.SUPPRESS or not action.option_strings or action.dest in ("help", "resume"):
+        if action.default is argparse.SUPPRESS or not action.option_strings or action.dest in ("help", "resume", "allow_resume_changes"):
             return action.help
         kind = "bool" if action.type is string_to_bool else getattr(action.type, "__name__", "str")
         if action.nargs == "+":
@@ -195,6 +195,9 @@ def build_parser(prog: str = "llava-jp train") -> HfArgumentParser:
     parser.add_argument("--config", help="YAML file or bundled config name "
                                          f"({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml')))})")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--allow_resume_changes", action="store_true",
+                        help="with --resume: continue even if world size, per-device batch, accumulation or total "
+                             "steps differ from the checkpoint's")
     llava = parser.add_argument_group("LLaVA / TrainingArguments switches")
     llava.add_argument("--bf16", action=_SetTo, key="mixed_precision", value="bf16", help="= --mixed_precision bf16")
     llava.add_argument("--fp16", action=_SetTo, key="mixed_precision", value="fp16", help="= --mixed_precision fp16")
@@ -240,9 +243,9 @@ def _yaml_values(path: str) -> dict:
     return {k: _typed(k, v, str(file)) for k, v in data.items()}
 
 
-def parse_args(argv: list[str], **values) -> tuple[TrainConfig, bool]:
-    """`llava-jp train` arguments -> (validated config, --resume). `values` (Python callers)
-    override both the YAML and the flags."""
+def parse_args(argv: list[str], **values) -> tuple[TrainConfig, argparse.Namespace]:
+    """`llava-jp train` arguments -> (validated config, launch options: `resume`,
+    `allow_resume_changes`). `values` (Python callers) override both the YAML and the flags."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
@@ -257,7 +260,8 @@ def parse_args(argv: list[str], **values) -> tuple[TrainConfig, bool]:
             raise UserError(f"unknown config key {key!r}" + closest(key, _FIELDS))
     config = TrainConfig(**{**{k: v for k, v in vars(namespace).items() if k in _FIELDS}, **values})
     config.validate()
-    return config, namespace.resume
+    launch = argparse.Namespace(resume=namespace.resume, allow_resume_changes=namespace.allow_resume_changes)
+    return config, launch
 
 
 def _unknown_argument(rest: list[str], parser: argparse.ArgumentParser) -> str:
