@@ -495,7 +495,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "full: the llava-jp-1.3b-s2 preset itself; tiny: for tests")
     parser.add_argument("--full-size", dest="size", action="store_const", const="full", help="same as --size full")
     parser.add_argument("--memory", action="store_true",
-                        help="peak memory of one full-size stage-2 training step instead (batch 1, length 1532)")
+                        help="peak memory of one full-size training step instead (stage 2: batch 1, length 1532)")
+    parser.add_argument("--stage", type=int, choices=(1, 2), default=2, help="--memory: which stage's step")
+    parser.add_argument("--batch", type=int, default=32, help="--memory --stage 1: batch (recipe: 32)")
+    parser.add_argument("--checkpointing", choices=("recipe", "on", "off"), default="recipe",
+                        help="--memory: gradient checkpointing as the stage's recipe config says, or forced")
+    parser.add_argument("--cached-features", action="store_true",
+                        help="--memory --stage 1: images as feature-cache rows (the tower does not run)")
+    parser.add_argument("--lm-layers", type=int, help="--memory: LM depth (full width) for depth extrapolation")
     parser.add_argument("--loader", action="store_true",
                         help="images/s of the training collator per DataLoader worker (768 px, COCO-sized JPEGs) "
                              "against the samples/s a full-size step consumes on an H200 at 40%% MFU")
@@ -556,8 +563,11 @@ def run(args: argparse.Namespace) -> int:
         from benchmarks.memory import memory_step
 
         torch.set_num_threads(threads[0])
-        report = memory_step(device, precision)
-        log(f"full-size stage-2 step ({precision}, length {report['seq_len']}): peak tensor memory "
+        checkpointing = {"recipe": None, "on": True, "off": False}[args.checkpointing]
+        report = memory_step(device, precision, stage=args.stage, batch=args.batch, gradient_checkpointing=checkpointing,
+                             cached_features=args.cached_features, lm_layers=args.lm_layers)
+        log(f"full-size stage-{args.stage} step ({precision}, batch {report['batch']}, length {report['seq_len']}, "
+            f"{report['lm_layers']} LM layers, checkpointing {report['gradient_checkpointing']}): peak tensor memory "
             f"{report['peak_tensor_gib']:.2f} GiB, peak RSS {report['peak_rss_gib']:.2f} GiB"
             + (f", CUDA peak allocated {report['peak_allocated_gib']:.2f} GiB" if "peak_allocated_gib" in report else ""))
     else:

@@ -20,6 +20,7 @@ from llava_jp.errors import UserError
 from llava_jp.presets.init import save_base
 from llava_jp.infer.chat import QUICKSTART_MODEL_DIR
 from llava_jp.infer.generate import generate_answers
+from llava_jp.infer.load import save_model
 from llava_jp.synthetic import write_dataset
 from llava_jp.train.config import TrainConfig
 from llava_jp.train.checkpoint import MODEL_SUBDIR, PROJECTOR_FILE
@@ -32,10 +33,10 @@ QUIET_MINUTES = 6  # measured: docs/training.md
 
 def evaluate(model_dir: Path, test_path: Path, image_dir: Path, batch_size: int = 64) -> dict:
     """Exact-answer accuracy, overall and per question type."""
-    from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
+    from llava_jp.infer.load import load_model
 
-    model = LlavaJpForConditionalGeneration.from_pretrained(model_dir).eval()
-    processor = LlavaJpProcessor.from_pretrained(model_dir)
+    model, processor = load_model(model_dir)
+    model.eval()
     rows = json.loads(test_path.read_text(encoding="utf-8"))
     correct, total = defaultdict(int), defaultdict(int)
     for start in range(0, len(rows), batch_size):

@@ -68,6 +68,17 @@ def test_memory_step_counts_weights_gradients_and_optimizer_state():
     assert report["peak_tensor_gib"] >= live["after_optimizer_step"] and report["loss"] == report["loss"]
 
 
+def test_memory_step_runs_stage1_at_a_batch_from_cached_features():
+    from benchmarks.memory import memory_step
+
+    report = memory_step(torch.device("cpu"), "fp32", preset_name="tiny", stage=1, batch=2,
+                         gradient_checkpointing=True, cached_features=True, lm_layers=1)
+    assert report["stage"] == 1 and report["batch"] == 2 and report["lm_layers"] == 1
+    assert report["seq_len"] == 16 + 40 and report["supervised_tokens"] == 2 * 40
+    assert report["gradient_checkpointing"] is True and report["cached_features"] is True
+    assert report["peak_tensor_gib"] > report["live_tensor_gib"]["model_and_batch"]
+
+
 def test_bench_threads_flag_takes_counts_or_all_and_refuses_others(capsys):
     import os
 

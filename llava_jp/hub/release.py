@@ -32,8 +32,8 @@ from llava_jp.hub.card import CardInfo, load_scores, render_model_card
 from llava_jp.core.modeling import LlavaJpForConditionalGeneration
 from llava_jp.core.processing import LlavaJpProcessor
 from llava_jp.core.templates import IMAGE_MARKER, get_template
+from llava_jp.infer.load import load_model, save_model
 from llava_jp.errors import UserError, existing_dir
-from llava_jp.train.lora import load_trained
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "core"
 # package module -> remote-code module in the release, in dependency order
@@ -158,7 +158,7 @@ def probe_image(size: int) -> Image.Image:
 def verify_release(source: str | Path, release_dir: str | Path, max_new_tokens: int = 8, timeout: float = 3600) -> dict:
     """Load `release_dir` in a process that cannot import llava_jp and compare its greedy
     generation and logits on a probe image with the source model's (fp32, CPU)."""
-    model, processor = load_trained(source, dtype=torch.float32)
+    model, processor = load_model(source, dtype=torch.float32)
     model.eval()
     with tempfile.TemporaryDirectory() as tmp:
         image_path = str(Path(tmp) / "probe.png")
@@ -233,10 +233,9 @@ def release(
     existing_dir(model_dir, "--model")
     if isinstance(scores, (str, Path)):
         scores = load_scores(scores)
-    model, processor = load_trained(model_dir)  # a LoRA adapter folder is released merged
+    model, processor = load_model(model_dir, dtype="saved")  # the release keeps the dtype the model was saved in
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, max_shard_size=max_shard_size)
-    processor.save_pretrained(out)
+    save_model(model, processor, out, model.dtype, max_shard_size=max_shard_size)
     write_remote_code(out)
     add_auto_map(out)
     summary = model_summary(model, processor)

@@ -177,14 +177,15 @@ def build_processor(preset: Preset, config: LlavaJpConfig, tokenizer, num_image_
 def build(
     preset: Preset | str,
     pretrained: bool = True,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[LlavaJpForConditionalGeneration, LlavaJpProcessor]:
     """Build (model, processor) for a preset.
 
     pretrained=True loads the vision tower, LM and tokenizer from their hub ids / local paths
     (components without a `name_or_path` get random weights); pretrained=False builds
     everything from the preset's configs with random weights and downloads nothing except the
-    tokenizer (the LM's own tokenizer defines the vocabulary).
+    tokenizer (the LM's own tokenizer defines the vocabulary). Weights come in `dtype`, never
+    in the dtype a pretrained part's config names (transformers 5's default).
     """
     if isinstance(preset, str):
         preset = load_preset(preset)
@@ -197,8 +198,7 @@ def build(
         with loading(preset.language_model.name_or_path, "language_model name_or_path"):
             language_model = AutoModelForCausalLM.from_pretrained(preset.language_model.name_or_path, dtype=dtype)
     model = LlavaJpForConditionalGeneration(config, vision_tower=vision_tower, language_model=language_model)
-    if dtype is not None:
-        model = model.to(dtype)
+    model = model.to(dtype)
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
         if not preset.resize_token_embeddings:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from llava_jp.infer.load import parse_dtype, save_model
 from llava_jp.train import strategy
 
 STATE_FILE = "state.json"
@@ -231,13 +232,15 @@ def atomic_write(final: Path, write) -> None:
 
 def save_result(model, processor, cfg, state_dict: dict) -> Path:
     """Stage 1: only the projector (safetensors). Stage 2: a full `from_pretrained` directory;
-    with LoRA the adapter folder (and, with `lora_merge`, the merged model too).
+    with LoRA the adapter folder (and, with `lora_merge`, the merged model too). In `cfg.save_dtype`
+    (the dtype policy: `llava_jp.infer.load`).
     `state_dict` is the full model's, from `accelerator.get_state_dict` (which gathers FSDP /
     ZeRO-3 shards)."""
     out = Path(cfg.output_dir)
+    dtype = parse_dtype(cfg.save_dtype, "save_dtype")
     if cfg.stage == 1:
         prefix = "multi_modal_projector."
-        weights = {k[len(prefix):]: v.contiguous() for k, v in state_dict.items() if k.startswith(prefix)}
+        weights = {k[len(prefix):]: v.to(dtype).contiguous() for k, v in state_dict.items() if k.startswith(prefix)}
         atomic_write(out / PROJECTOR_FILE, lambda tmp: save_file(weights, tmp))
         return out / PROJECTOR_FILE
 
@@ -251,8 +254,7 @@ def save_result(model, processor, cfg, state_dict: dict) -> Path:
         model, state_dict = merged, merged.state_dict()
 
     def write(path: Path) -> None:
-        model.save_pretrained(path, state_dict=state_dict)
-        processor.save_pretrained(path)
+        save_model(model, processor, path, dtype, state_dict=state_dict)
 
     atomic_write(out / MODEL_SUBDIR, write)
     return out / MODEL_SUBDIR

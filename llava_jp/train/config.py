@@ -69,6 +69,8 @@ class TrainConfig:
     mixed_precision: str = HfArg(default="no", help="no, bf16 (autocast over fp32 master weights) or fp16")
     gradient_checkpointing: bool = HfArg(default=False, help="recompute LM activations in backward (less memory)")
     seed: int = HfArg(default=42, help="seeds data order, initialisation and dropout")
+    save_dtype: str = HfArg(default="float32",
+                            help="float32, bfloat16 or float16: every weight of the final output, recorded in its config")
 
     # LoRA / QLoRA (stage 2; train/lora.py)
     lora: bool = HfArg(default=False, aliases=["--lora_enable"],
@@ -106,6 +108,8 @@ class TrainConfig:
                             + closest(self.template, TEMPLATES))
         if self.optimizer not in ("adamw", "adamw_8bit"):
             raise UserError(f"optimizer: expected 'adamw' or 'adamw_8bit', got {self.optimizer!r}")
+        if self.save_dtype not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"save_dtype: expected 'float32', 'bfloat16' or 'float16', got {self.save_dtype!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise UserError(f"mixed_precision: expected 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         for name in ("per_device_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps", "save_steps",

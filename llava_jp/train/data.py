@@ -39,9 +39,9 @@ class DataError(ValueError):
 
 
 # samples too long for max_length (found at tokenization, like `CONVERSATION_FAULTS`)
-LENGTH_FAULTS = ("image_cut_by_max_length", "no_complete_answer_within_max_length")
+LENGTH_FAULTS = ("image_cut_by_max_length", "image_beyond_max_length", "no_complete_answer_within_max_length")
 # part of the tokenization cache key: bump it when `encode_record`'s rules change
-ENCODING_VERSION = 2
+ENCODING_VERSION = 3
 
 
 def load_records(data_path: str) -> tuple[datasets.Dataset, str]:
@@ -55,7 +55,9 @@ def load_records(data_path: str) -> tuple[datasets.Dataset, str]:
         if not isinstance(rows, list):
             raise UserError(f"{data_path}: expected a JSON list of samples, got {type(rows).__name__}")
         rows = [r if isinstance(r, dict) else {} for r in rows]
+        # turing-motors/LLaVA-v1.5-Instruct-620K-JA writes `image` as a path or a list of one path
         images = [r.get("image") for r in rows]
+        images = [im[0] if isinstance(im, list) and len(im) == 1 else im for im in images]
         # conversations are kept as JSON text: Arrow needs one schema, LLaVA rows vary
         return datasets.Dataset.from_dict({
             "id": [_storable(str(r.get("id", i))) for i, r in enumerate(rows)],
@@ -149,15 +151,19 @@ def encode_record(record: dict, processor: LlavaJpProcessor, max_length: int, pl
 
 
 def _truncate(ids: list[int], labels: list[int], max_length: int, image_token_id: int):
-    """Cut to the end of the last answer that fits whole; never inside the image tokens."""
-    if image_token_id in ids[max_length:] and image_token_id in ids[:max_length]:
-        return ids, labels, "image_cut_by_max_length"
+    """Cut to the end of the last answer that fits whole. Every image token must stay: a cut
+    inside them, or one that leaves an image's tokens behind the end (its pixels would still be
+    sent, and the batch would fail for want of placeholders), drops the sample."""
     end = max_length
     # step back to the end of a complete answer: a supervised token followed by an unsupervised one
     while end > 0 and not (labels[end - 1] != IGNORE_INDEX and (end == len(labels) or labels[end] == IGNORE_INDEX)):
         end -= 1
+    if image_token_id in ids[max_length:] and image_token_id in ids[:max_length]:
+        return ids, labels, "image_cut_by_max_length"
     if end == 0:
         return ids, labels, "no_complete_answer_within_max_length"
+    if image_token_id in ids[end:]:
+        return ids, labels, "image_beyond_max_length"
     return ids[:end], labels[:end], "truncated"
 
 

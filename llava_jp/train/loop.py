@@ -11,6 +11,7 @@ strategy can save periodically, resume and stop at a time budget.
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 import json
 import logging
 import math
@@ -29,7 +30,8 @@ from transformers import get_scheduler
 
 from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
 from llava_jp.train import features as feature_cache
-from llava_jp.presets.builder import build
+from llava_jp.infer.load import load_model
+from llava_jp.presets.builder import load_preset
 from llava_jp.core.modeling import IGNORE_INDEX
 from llava_jp.core.processing import IMAGE_FAULTS
 from llava_jp.errors import UserError, closest, existing_dir, existing_file, loading
@@ -48,13 +50,11 @@ logger = logging.getLogger(__name__)
 def setup_model(cfg: TrainConfig) -> tuple[LlavaJpForConditionalGeneration, LlavaJpProcessor]:
     """Load or build the model, load a stage-1 projector, and set what trains (with LoRA: the
     model wrapped by PEFT)."""
-    if cfg.model:
-        with loading(cfg.model, "model"):
-            model = LlavaJpForConditionalGeneration.from_pretrained(
-                cfg.model, quantization_config=lora.quantization_config(cfg))
-            processor = LlavaJpProcessor.from_pretrained(cfg.model)
-    else:
-        model, processor = build(cfg.preset, pretrained=True)
+    if cfg.preset:
+        load_preset(cfg.preset)  # an unknown name is a one-line error here, not a hub lookup
+    with loading(cfg.model, "model") if cfg.model else nullcontext():
+        model, processor = load_model(cfg.model or cfg.preset, dtype=torch.float32,
+                                      quantization_config=lora.quantization_config(cfg))
     if cfg.template:
         processor.template = cfg.template
     if cfg.pretrained_projector:

@@ -6,7 +6,7 @@ for QLoRA the frozen LM base loaded in 4-bit NF4 by bitsandbytes.
 The final output is the adapter folder (adapters + projector + processor; its
 `base_model_name_or_path` names the model training started from) or, with `lora_merge`, a
 merged model: the base reloaded in full precision with the adapters folded in, the form that
-loads without PEFT. `load_trained` opens either.
+loads without PEFT. `llava_jp.infer.load.load_model` opens either.
 """
 
 from __future__ import annotations
@@ -73,18 +73,9 @@ def merged_from(adapter_dir: str | Path, dtype: torch.dtype | None = None):
     from llava_jp import LlavaJpForConditionalGeneration
 
     base_name = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
-    base = LlavaJpForConditionalGeneration.from_pretrained(base_name, dtype=dtype)
+    base = LlavaJpForConditionalGeneration.from_pretrained(base_name, dtype=dtype or torch.float32)
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
 def is_adapter(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
-
-
-def load_trained(path: str | Path, dtype: torch.dtype | None = None):
-    """(model, processor) of a training output: a model folder / hub id, or an adapter folder."""
-    from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
-
-    if is_adapter(path):
-        return merged_from(path, dtype), LlavaJpProcessor.from_pretrained(path)
-    return LlavaJpForConditionalGeneration.from_pretrained(path, dtype=dtype), LlavaJpProcessor.from_pretrained(path)
