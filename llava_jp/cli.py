@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("llava_jp.quickstart", "the whole pipeline on a tiny model and synthetic data, on CPU"),
     "data": ("data_ja.cli", "Japanese training data: convert, translate, check, mix"),
     "eval": ("llava_jp.eval.runner", "score a model on JA-VG-VQA-500, JA-VLM-Bench-In-the-Wild and Heron-Bench"),
+    "infer": ("llava_jp.infer.batch", "answer a JSONL file of image questions in batches (resumable)"),
     "chat": ("llava_jp.infer.chat_cli", "chat about an image in the terminal (Japanese, streamed, multi-turn)"),
     "demo": ("llava_jp.infer.demo", "Japanese web chat demo (Gradio; needs the [demo] extra)"),
     "release": ("llava_jp.hub.release", "write a hub release folder (remote code, card), verify it loads without llava-jp, push"),
