@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data": ("data_ja.cli", "Japanese training data: convert, translate, check, mix"),
     "eval": ("llava_jp.eval.runner", "score a model on JA-VG-VQA-500, JA-VLM-Bench-In-the-Wild and Heron-Bench"),
     "infer": ("llava_jp.infer.batch", "answer a JSONL file of image questions in batches (resumable)"),
+    "serve": ("llava_jp.infer.serve", "serve a released model with vLLM's OpenAI-compatible server (vLLM installed separately)"),
     "chat": ("llava_jp.infer.chat_cli", "chat about an image in the terminal (Japanese, streamed, multi-turn)"),
     "demo": ("llava_jp.infer.demo", "Japanese web chat demo (Gradio; needs the [demo] extra)"),
     "release": ("llava_jp.hub.release", "write a hub release folder (remote code, card), verify it loads without llava-jp, push"),

