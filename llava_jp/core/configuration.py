@@ -5,11 +5,7 @@ from __future__ import annotations
 import re
 
 from transformers import AutoConfig, PreTrainedConfig
-
-try:
-    from transformers.configuration_utils import SubConfigSpec
-except ImportError:  # transformers < 5.20 (what vLLM 0.32 pins): sub-configs are built in __post_init__
-    SubConfigSpec = None
+from transformers.configuration_utils import SubConfigSpec
 
 VISION_LAYOUTS = ("default", "llava-jp-v1.1-compat")
 
@@ -30,12 +26,10 @@ class LlavaJpConfig(PreTrainedConfig):
 
     model_type = "llava_jp"
 
-    DEFAULT_SUB_CONFIG_TYPES = {"vision_config": "siglip_vision_model", "text_config": "gpt2"}
-    if SubConfigSpec is not None:
-        sub_configs_defaults = {key: SubConfigSpec(config_class=AutoConfig, model_type=model_type)
-                                for key, model_type in DEFAULT_SUB_CONFIG_TYPES.items()}
-    else:
-        sub_configs = dict.fromkeys(DEFAULT_SUB_CONFIG_TYPES, AutoConfig)
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="gpt2"),
+    }
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -48,12 +42,6 @@ class LlavaJpConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
-        if SubConfigSpec is None:  # what `sub_configs_defaults` does in newer transformers
-            for key, model_type in self.DEFAULT_SUB_CONFIG_TYPES.items():
-                value = getattr(self, key)
-                if not isinstance(value, PreTrainedConfig):
-                    value = dict(value or {})
-                    setattr(self, key, AutoConfig.for_model(value.pop("model_type", model_type), **value))
         super().__post_init__(**kwargs)
         self.validate_fields()
 
