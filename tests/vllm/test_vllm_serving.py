@@ -3,8 +3,8 @@ greedy answers token for token equal to our own `generate`, on our transformers 
 vLLM pins; 16 concurrent requests; the demo's OpenAI backend against the real server.
 
 Runs only where vLLM is installed: LLAVA_JP_VLLM_PYTHON names that environment's python
-(.ci/extra/30-vllm.sh installs one and sets it). LLAVA_JP_VLLM_MODEL may name a trained model
-folder to release (default: a shortened `llava-jp quickstart`, trained here).
+(.ci/extra/30-vllm.sh installs one and sets it). LLAVA_JP_VLLM_MODEL may name a saved model
+folder to release instead of the tiny one built here.
 """
 
 from __future__ import annotations
@@ -63,22 +63,43 @@ def strip_eos(ids: list[int], eos: int) -> list[int]:
     return ids[: ids.index(eos) + 1] if eos in ids else ids
 
 
+# The `tiny` preset with a Llama LM (head size 32, which vLLM's CPU attention supports). The
+# preset's GPT-2 LM is not served yet: vLLM's Transformers backend fuses GPT-2's packed c_attn
+# projection and leaves its bias unloaded (docs/serving.md).
+LLAMA_LM = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+            "tie_word_embeddings": False}
+
+
+def build_sensitive_model(path: Path) -> Path:
+    """A tiny model whose answers depend clearly on the image and the question (random weights
+    with std 0.2; at the default std a random LM answers alike whatever it is asked): a
+    token-for-token comparison then covers the image path, not only the text."""
+    import torch
+    import yaml
+
+    from llava_jp.presets.builder import PRESET_DIR, build
+
+    preset = yaml.safe_load((PRESET_DIR / "tiny.yaml").read_text(encoding="utf-8"))
+    preset["language_model"] = {"name_or_path": None, "config": LLAMA_LM}
+    preset_file = path.parent / "tiny-llama.yaml"
+    preset_file.write_text(yaml.safe_dump(preset, allow_unicode=True), encoding="utf-8")
+    torch.manual_seed(0)
+    model, processor = build(str(preset_file), pretrained=False)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() >= 2:
+                weight.normal_(0, 0.2)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A trained model, its release, and held-out synthetic questions with images."""
+    """A model (LLAVA_JP_VLLM_MODEL, else the tiny Llama one above), its release, and image questions."""
     root = tmp_path_factory.mktemp("vllm")
-    model = os.environ.get("LLAVA_JP_VLLM_MODEL")
-    if not model:
-        # a shortened quickstart: enough training that answers depend on the image
-        started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "llava_jp.cli", "quickstart", "--out", str(root / "qs"),
-                               "--train-images", "600", "--test-images", "8", "--stage2-steps", "240",
-                               "--batch-size", "32", "--time-budget", "240"],
-                              capture_output=True, text=True, cwd=REPO, timeout=900)
-        assert done.returncode == 0, done.stderr[-3000:]
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"quickstart: {time.perf_counter() - started:.0f} s, accuracy {result['accuracy']}")
-        model = result["model_dir"]
+    model = os.environ.get("LLAVA_JP_VLLM_MODEL") or str(build_sensitive_model(root / "model"))
     release = root / "release"
     done = subprocess.run([sys.executable, "-m", "llava_jp.cli", "release", "--model", model, "--out", str(release)],
                           capture_output=True, text=True, cwd=REPO, timeout=600)
@@ -156,7 +177,6 @@ def test_greedy_tokens_equal_ours_on_both_transformers_versions(server, workspac
     answers = [s["text"] for s in served]
     print("answers:", answers)
     assert len(set(answers)) > 1, "the model answers the same whatever it is shown"
-    assert sum(a.strip() == item["answer"] for a, item in zip(answers, items)) >= len(items) // 2
 
 
 def test_sixteen_concurrent_requests_are_all_answered_as_alone(server, workspace):
