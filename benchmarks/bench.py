@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -49,13 +50,15 @@ from llava_jp.core.modeling import IGNORE_INDEX, LlavaJpForConditionalGeneration
 
 
 # -- models --------------------------------------------------------------------------------
-def build_ours(size: BenchSize, s2: bool, share_from: LlavaJpForConditionalGeneration | None = None):
+def build_ours(size: BenchSize, s2: bool, share_from: LlavaJpForConditionalGeneration | None = None,
+               pixel_shuffle: int = 1):
     """Ours with random weights; with `share_from`, its vision tower and LM are reused (same tensors)."""
     vision = {"config": size.vision, "feature_layer": -2}
     if s2:
         vision.update(s2_scales=size.s2_scales, s2_split_size=min(size.s2_scales))
     preset = parse_preset({"vision": vision, "language_model": {"config": size.language_model},
-                           "tokenizer": "none", "projector": "mlp2x_gelu"}, source="bench")
+                           "tokenizer": "none", "projector": "mlp2x_gelu",
+                           "projector_pixel_shuffle": pixel_shuffle}, source="bench")
     config = build_config(preset, pretrained=False)
     if share_from is None:
         return LlavaJpForConditionalGeneration(config)
@@ -161,11 +164,14 @@ class Runner:
     def alternate(self, contenders: dict, warmup: int, repeats: int) -> dict[str, dict]:
         """Run every contender `warmup` times, then `repeats` timed rounds, rotating the order.
 
-        Returns per contender: the wall times, their median, what each call returned, and on
-        CUDA the peak memory allocated during its calls.
+        Returns per contender: the wall times, their median, the process CPU times and their
+        median, what each call returned, and on CUDA the peak memory allocated during its calls.
+        On one thread the CPU time is the work itself, without the time other processes held the
+        core: the steadier figure on a shared machine. On several threads it also counts the
+        time threads spin waiting for each other (docs/benchmarks.md, "Threads").
         """
         names = list(contenders)
-        results = {n: {"times_s": [], "returned": [], "peak_gib": 0.0} for n in names}
+        results = {n: {"times_s": [], "cpu_s": [], "returned": [], "peak_gib": 0.0} for n in names}
         for _ in range(warmup):
             for n in names:
                 contenders[n]()
@@ -174,15 +180,17 @@ class Runner:
                 if self.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 self.sync()
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 returned = contenders[n]()
                 self.sync()
                 results[n]["times_s"].append(time.perf_counter() - start)
+                results[n]["cpu_s"].append(time.process_time() - cpu)
                 results[n]["returned"].append(returned)
                 if self.device.type == "cuda":
                     results[n]["peak_gib"] = max(results[n]["peak_gib"], torch.cuda.max_memory_allocated() / 2**30)
         for n in names:
             results[n]["median_s"] = statistics.median(results[n]["times_s"])
+            results[n]["median_cpu_s"] = statistics.median(results[n]["cpu_s"])
         return results
 
 
@@ -251,17 +259,18 @@ def set_trainable(models: list[nn.Module], stage: int) -> None:
 
 
 def measure_training(runner: Runner, size: BenchSize, stage: int, ours, ours_s2, peer, ablations: bool,
-                     cache_dir: Path | None) -> dict:
-    """One stage's training step for every contender, alternating; returns medians and checks."""
+                     cache_dir: Path | None, ours_s2_shuffled=None) -> dict:
+    """One stage's training step for every contender, alternating; returns medians and checks.
+    `ours_s2_shuffled` (optional): ours with S2 and token compression, on the same text."""
     device = runner.device
-    set_trainable([ours, ours_s2, peer], stage)
+    set_trainable([ours, ours_s2, peer, *([ours_s2_shuffled] if ours_s2_shuffled else [])], stage)
     batch = make_batch(size, stage, ours, seed=stage)
     s2_batch = dict(batch, pixel_values=s2_pixels(batch, ours_s2.config.image_size))
     batch_d, s2_d, peer_d = _to(batch, device), _to(s2_batch, device), _to(for_peer(batch, ours), device)
     sync_peer(peer, ours)
     check = _loss_check(runner, ours, peer, batch_d, peer_d)
     lr = 1e-4 if stage == 1 else 1e-5
-    params = [p for m in (ours, ours_s2, peer) for p in m.parameters() if p.requires_grad]
+    params = [p for m in (ours, ours_s2, peer, ours_s2_shuffled) if m is not None for p in m.parameters() if p.requires_grad]
     optimizer = _optimizer(params, size.optimizer, lr)
     step = stage == 1 or size.stage2_optimizer_step
 
@@ -273,10 +282,15 @@ def measure_training(runner: Runner, size: BenchSize, stage: int, ours, ours_s2,
         "peer": train_step(lambda: peer(**peer_d, use_cache=False).loss),
         "ours_s2": train_step(lambda: ours_s2(**s2_d, use_cache=False).loss),
     }
+    if ours_s2_shuffled is not None:  # same seed: same text, fewer image placeholders
+        shuffled = make_batch(size, stage, ours_s2_shuffled, seed=stage)
+        shuffled_d = _to(dict(shuffled, pixel_values=s2_pixels(shuffled, ours_s2.config.image_size)), device)
+        contenders["ours_s2_shuffled"] = train_step(lambda: ours_s2_shuffled(**shuffled_d, use_cache=False).loss)
+        ours_s2_shuffled.train()
     if cache_dir is not None:
         names = [f"image-{i}.png" for i in range(batch["input_ids"].shape[0])]
         for model, key, pixels in ((ours, "ours_cached", batch_d), (ours_s2, "ours_s2_cached", s2_d)):
-            cache = FeatureCache(cache_dir / key, key, model.num_image_tokens, model.projector_input_width)
+            cache = FeatureCache(cache_dir / key, key, model.num_vision_tokens, model.vision_feature_width)
             with torch.no_grad(), runner.autocast:
                 cache.add(names, model.encode_images(pixels["pixel_values"]), [[0, 0]] * len(names))
             text = {k: v for k, v in pixels.items() if k != "pixel_values"}
@@ -301,6 +315,7 @@ def measure_training(runner: Runner, size: BenchSize, stage: int, ours, ours_s2,
         "loss_check": check,
         "median_s": {n: r["median_s"] for n, r in results.items()},
         "times_s": {n: r["times_s"] for n, r in results.items()},
+        "median_cpu_s": {n: r["median_cpu_s"] for n, r in results.items()},
         "tokens_per_s": {n: tokens / r["median_s"] for n, r in results.items()},
         **({"peak_gib": {n: r["peak_gib"] for n, r in results.items()}} if device.type == "cuda" else {}),
     }
@@ -359,6 +374,7 @@ def measure_generation(runner: Runner, size: BenchSize, ours, ours_s2, peer) -> 
             "ttft_s": statistics.median(x["ttft_s"] for x in r["returned"]),
             "decode_tokens_per_s": statistics.median(x["decode_tokens_per_s"] for x in r["returned"]),
             "total_s": r["median_s"],
+            "total_cpu_s": r["median_cpu_s"],
             "end_to_end_tokens_per_s": size.new_tokens / r["median_s"],
         }
     summary["same_tokens_as_peer"] = results["ours"]["returned"][0]["tokens"] == results["peer"]["returned"][0]["tokens"]
@@ -383,18 +399,20 @@ def padding_waste(size: BenchSize, ours, batch_size: int = 16, n: int = 4096) ->
 
 
 def run_bench(size: BenchSize, device: torch.device, precision: str, ablations: bool = False,
-              stages: tuple[str, ...] = ("stage2", "stage1", "generate"), log=print) -> dict:
-    """Every measurement in one process; returns the report (ratios first)."""
+              stages: tuple[str, ...] = ("stage2", "stage1", "generate"), log=print, pixel_shuffle: int = 1) -> dict:
+    """Every measurement in one process; returns the report (ratios first). With `pixel_shuffle`
+    > 1, ours with S2 and that token compression is timed too (its own projector)."""
     runner = Runner(device, precision)
     torch.manual_seed(0)
     ours = build_ours(size, s2=False)
     ours_s2 = build_ours(size, s2=True, share_from=ours)
+    shuffled = build_ours(size, s2=True, share_from=ours, pixel_shuffle=pixel_shuffle) if pixel_shuffle > 1 else None
     peer = build_peer(ours)
     if precision == "bf16":
         ours.vision_tower.to(torch.bfloat16)  # frozen, as `llava-jp train` stores it
     from llava_jp.train.optim import enable_activation_checkpointing
 
-    for m in (ours, ours_s2, peer):
+    for m in (ours, ours_s2, peer, *([shuffled] if shuffled else [])):
         m.to(device)
         if size.gradient_checkpointing:
             enable_activation_checkpointing(_parts(m).language_model)
@@ -406,10 +424,10 @@ def run_bench(size: BenchSize, device: torch.device, precision: str, ablations: 
         f"{size.warmup} warm-up + {size.repeats} timed rounds, alternating")
     with tempfile.TemporaryDirectory() as tmp:
         if "stage2" in stages:
-            report["stage2"] = measure_training(runner, size, 2, ours, ours_s2, peer, ablations, None)
+            report["stage2"] = measure_training(runner, size, 2, ours, ours_s2, peer, ablations, None, shuffled)
             log(_line("stage 2 step", report["stage2"]))
         if "stage1" in stages:
-            report["stage1"] = measure_training(runner, size, 1, ours, ours_s2, peer, ablations, Path(tmp))
+            report["stage1"] = measure_training(runner, size, 1, ours, ours_s2, peer, ablations, Path(tmp), shuffled)
             log(_line("stage 1 step", report["stage1"]))
     if "generate" in stages:
         report["generate"] = measure_generation(runner, size, ours, ours_s2, peer)
@@ -430,6 +448,18 @@ def run_bench(size: BenchSize, device: torch.device, precision: str, ablations: 
             paired[key] = statistics.median(a / b for a, b in zip(times[mine], times[theirs]))
     if paired:
         report["paired"] = paired
+    # the same ratios from process CPU time: on one thread, what the work costs whatever else runs
+    cpu = {}
+    for stage, key, mine, theirs in (("stage2", "train_step_ratio", "ours", "peer"),
+                                     ("stage1", "stage1_step_ratio", "ours", "peer"),
+                                     ("stage1", "stage1_cache_speedup", "ours_s2", "ours_s2_cached")):
+        if stage in report:
+            m = report[stage]["median_cpu_s"]
+            cpu[key] = m[mine] / m[theirs]
+    if "generate" in report:  # prompt + decoding, ours / peer (decode alone is not timed in CPU time)
+        cpu["generate_total_ratio"] = report["generate"]["ours"]["total_cpu_s"] / report["generate"]["peer"]["total_cpu_s"]
+    if cpu:
+        report["cpu_time"] = cpu
     if "stage2" in report:
         m = report["stage2"]["median_s"]
         ratios["train_step_ratio"] = m["ours"] / m["peer"]
@@ -440,6 +470,10 @@ def run_bench(size: BenchSize, device: torch.device, precision: str, ablations: 
         ratios["stage1_step_ratio_s2"] = m["ours_s2"] / m["peer"]
         ratios["stage1_cache_speedup"] = m["ours_s2"] / m["ours_s2_cached"]
         ratios["stage1_cache_speedup_single_scale"] = m["ours"] / m["ours_cached"]
+    for stage in ("stage1", "stage2"):
+        if stage in report and "ours_s2_shuffled" in report[stage]["median_s"]:
+            m = report[stage]["median_s"]
+            ratios[f"{stage}_pixel_shuffle_speedup"] = m["ours_s2"] / m["ours_s2_shuffled"]
     if "generate" in report:
         g = report["generate"]
         ratios["generate_tps_ratio"] = g["ours"]["decode_tokens_per_s"] / g["peer"]["decode_tokens_per_s"]
@@ -461,32 +495,79 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "full: the llava-jp-1.3b-s2 preset itself; tiny: for tests")
     parser.add_argument("--full-size", dest="size", action="store_const", const="full", help="same as --size full")
     parser.add_argument("--memory", action="store_true",
-                        help="peak memory of one full-size stage-2 training step instead (batch 1, length 1532)")
+                        help="peak memory of one full-size training step instead (stage 2: batch 1, length 1532)")
+    parser.add_argument("--stage", type=int, choices=(1, 2), default=2, help="--memory: which stage's step")
+    parser.add_argument("--batch", type=int, default=32, help="--memory --stage 1: batch (recipe: 32)")
+    parser.add_argument("--checkpointing", choices=("recipe", "on", "off"), default="recipe",
+                        help="--memory: gradient checkpointing as the stage's recipe config says, or forced")
+    parser.add_argument("--cached-features", action="store_true",
+                        help="--memory --stage 1: images as feature-cache rows (the tower does not run)")
+    parser.add_argument("--lm-layers", type=int, help="--memory: LM depth (full width) for depth extrapolation")
+    parser.add_argument("--loader", action="store_true",
+                        help="images/s of the training collator per DataLoader worker (768 px, COCO-sized JPEGs) "
+                             "against the samples/s a full-size step consumes on an H200 at 40%% MFU")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
+                        help="with --loader: DataLoader worker counts to time (default 0 1 2)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="auto: bf16 autocast on CUDA, fp32 on CPU")
     parser.add_argument("--repeats", type=int, help="timed rounds (default: 5, or 3 at full size)")
     parser.add_argument("--warmup", type=int, help="untimed rounds first (default 1)")
-    parser.add_argument("--threads", type=int,
-                        help="CPU threads (default: torch's choice, one per core); on a shared machine 1 avoids "
-                             "threads waiting on each other at every operation")
+    parser.add_argument("--threads", nargs="+", default=None, metavar="N|all",
+                        help="CPU thread counts to run the whole bench at, one after the other (default on CPU: "
+                             "1 all; 'all' = one per core); the top-level ratios are the first count's, and "
+                             "`by_threads` holds every count's (docs/benchmarks.md explains why they differ)")
     parser.add_argument("--only", nargs="+", choices=("stage2", "stage1", "generate"),
                         help="measure only these")
     parser.add_argument("--ablations", action="store_true",
                         help="also time ours with each of the peer's wastes put back, one at a time")
+    parser.add_argument("--pixel-shuffle", type=int, default=1, metavar="F",
+                        help="also time ours with S2 and FxF token compression before the projector (2: 729 -> 196 "
+                             "image tokens; stage1/2_pixel_shuffle_speedup = ours_s2 / ours_s2_shuffled)")
     parser.add_argument("--json", action="store_true", help="end the output with one JSON object")
+
+
+HEADLINE = ("train_step_ratio", "stage1_step_ratio", "stage1_cache_speedup", "generate_tps_ratio",
+            "stage1_pixel_shuffle_speedup", "stage2_pixel_shuffle_speedup")
+
+
+def thread_counts(values: list[str]) -> list[int]:
+    """`--threads` values: positive integers or `all` (one per core this process may use)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    counts = []
+    for v in values:
+        if v == "all":
+            counts.append(cores)
+        elif v.isdigit() and int(v) > 0:
+            counts.append(int(v))
+        else:
+            raise ValueError(f"expected positive integers or 'all', got {v!r}")
+    return counts
 
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    try:
+        threads = thread_counts(args.threads or (["1", "all"] if device.type == "cpu" and not (args.memory or args.loader)
+                                                 else ["all"]))
+    except ValueError as err:
+        print(f"error: --threads: {err}", file=sys.stderr)
+        return 2
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else print
-    if args.memory:
+    if args.loader:
+        from benchmarks.loader import run_loader_bench
+
+        torch.set_num_threads(threads[0])
+        report = run_loader_bench(args.workers, log=log)
+    elif args.memory:
         from benchmarks.memory import memory_step
 
-        report = memory_step(device, precision)
-        log(f"full-size stage-2 step ({precision}, length {report['seq_len']}): peak tensor memory "
+        torch.set_num_threads(threads[0])
+        checkpointing = {"recipe": None, "on": True, "off": False}[args.checkpointing]
+        report = memory_step(device, precision, stage=args.stage, batch=args.batch, gradient_checkpointing=checkpointing,
+                             cached_features=args.cached_features, lm_layers=args.lm_layers)
+        log(f"full-size stage-{args.stage} step ({precision}, batch {report['batch']}, length {report['seq_len']}, "
+            f"{report['lm_layers']} LM layers, checkpointing {report['gradient_checkpointing']}): peak tensor memory "
             f"{report['peak_tensor_gib']:.2f} GiB, peak RSS {report['peak_rss_gib']:.2f} GiB"
             + (f", CUDA peak allocated {report['peak_allocated_gib']:.2f} GiB" if "peak_allocated_gib" in report else ""))
     else:
@@ -495,10 +576,19 @@ def run(args: argparse.Namespace) -> int:
             size.repeats = args.repeats
         if args.warmup is not None:
             size.warmup = args.warmup
-        report = run_bench(size, device, precision, args.ablations, tuple(args.only or ("stage2", "stage1", "generate")), log)
-        for key in ("train_step_ratio", "stage1_step_ratio", "stage1_cache_speedup", "generate_tps_ratio"):
-            if key in report:
-                log(f"{key}: {report[key]:.3f}")
+        by_threads = {}
+        for i, n in enumerate(threads):
+            torch.set_num_threads(n)
+            log(f"-- {n} thread(s)")
+            one = run_bench(size, device, precision, args.ablations, tuple(args.only or ("stage2", "stage1", "generate")), log,
+                            args.pixel_shuffle)
+            by_threads[str(n)] = {k: one[k] for k in (*HEADLINE, "paired", "cpu_time") if k in one}
+            for key in HEADLINE:
+                if key in one:
+                    log(f"{key} ({n} thread(s)): {one[key]:.3f}")
+            if i == 0:
+                report = one
+        report["by_threads"] = by_threads
     if args.json:
         print(json.dumps(report, ensure_ascii=False, default=_jsonable))
     return 0

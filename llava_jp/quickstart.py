@@ -19,6 +19,7 @@ import torch
 from llava_jp.presets.builder import build
 from llava_jp.infer.chat import QUICKSTART_MODEL_DIR
 from llava_jp.infer.generate import generate_answers
+from llava_jp.infer.load import save_model
 from llava_jp.synthetic import write_dataset
 from llava_jp.train.config import TrainConfig
 from llava_jp.train.checkpoint import MODEL_SUBDIR, PROJECTOR_FILE
@@ -30,10 +31,10 @@ EVAL_RESERVE_S = 30.0  # evaluation + saving after stage 2
 
 def evaluate(model_dir: Path, test_path: Path, image_dir: Path, batch_size: int = 64) -> dict:
     """Exact-answer accuracy, overall and per question type."""
-    from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
+    from llava_jp.infer.load import load_model
 
-    model = LlavaJpForConditionalGeneration.from_pretrained(model_dir).eval()
-    processor = LlavaJpProcessor.from_pretrained(model_dir)
+    model, processor = load_model(model_dir)
+    model.eval()
     rows = json.loads(test_path.read_text(encoding="utf-8"))
     correct, total = defaultdict(int), defaultdict(int)
     for start in range(0, len(rows), batch_size):
@@ -70,8 +71,7 @@ def run(args: argparse.Namespace) -> int:
     data = write_dataset(out / "data", args.train_images, args.test_images, seed=args.seed)
     model, processor = build("tiny", pretrained=False)
     base = out / "base_model"
-    model.save_pretrained(base)
-    processor.save_pretrained(base)
+    save_model(model, processor, base)
     common = dict(model=str(base), image_folder=str(data["images"]), per_device_batch_size=args.batch_size,
                   seed=args.seed, logging_steps=20, save_steps=10**9, warmup_ratio=0.05, max_length=256,
                   overwrite_output_dir=True)  # a rerun replaces the previous quickstart

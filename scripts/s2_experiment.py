@@ -27,18 +27,20 @@ from llava_jp.train.config import TrainConfig
 from llava_jp.train.checkpoint import MODEL_SUBDIR, PROJECTOR_FILE
 from llava_jp.train.loop import train
 
-# name -> (s2_scales, s2_split_size, tower input size). "single-64" is a reference, not the baseline:
-# the tower sees the 64 px image whole, at 4x the image tokens (64 instead of 16) of the other two.
-VARIANTS = {"s2": ([32, 64], 32, 32), "single": (None, None, 32), "single-64": (None, None, 64)}
+# name -> (s2_scales, s2_split_size, tower input size, projector_pixel_shuffle). "single-64" is a
+# reference, not the baseline: the tower sees the 64 px image whole, at 4x the image tokens (64
+# instead of 16) of the other two. "s2-shuffle2" is S2 with 2x2 token compression (16 -> 4 tokens).
+VARIANTS = {"s2": ([32, 64], 32, 32, 1), "single": (None, None, 32, 1), "single-64": (None, None, 64, 1),
+            "s2-shuffle2": ([32, 64], 32, 32, 2)}
 DEFAULT_VARIANTS = ["s2", "single"]
 
 
 def run_one(variant: str, seed: int, data: dict, out: Path, args) -> dict:
     preset = load_preset("tiny")
-    scales, split, size = VARIANTS[variant]
+    scales, split, size, shuffle = VARIANTS[variant]
     vision = dataclasses.replace(preset.vision, s2_scales=scales, s2_split_size=split,
                                  config={**preset.vision.config, "image_size": size})
-    preset = dataclasses.replace(preset, vision=vision)
+    preset = dataclasses.replace(preset, vision=vision, projector_pixel_shuffle=shuffle)
     torch.manual_seed(seed)
     model, processor = build(preset, pretrained=False)
     base = out / "base_model"

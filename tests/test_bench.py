@@ -9,11 +9,17 @@ RATIOS = ("train_step_ratio", "stage1_step_ratio", "stage1_cache_speedup", "gene
 
 
 def test_bench_json_has_the_ratios_and_both_sides_compute_the_same_loss(capsys):
-    assert main(["bench", "--size", "tiny", "--repeats", "1", "--warmup", "0", "--json"]) == 0
+    assert main(["bench", "--size", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["torch_threads"] == 1 and set(report["by_threads"]) == {"1", "2"}
+    assert report["by_threads"]["1"]["train_step_ratio"] == report["train_step_ratio"]
+    for key in RATIOS:
+        assert report["by_threads"]["2"][key] > 0, key
     for key in RATIOS:
         assert report[key] > 0, key
     assert set(report["paired"]) == {"train_step_ratio", "stage1_step_ratio", "stage1_cache_speedup"}
+    assert set(report["cpu_time"]) == {*report["paired"], "generate_total_ratio"}
+    assert all(v > 0 for v in report["by_threads"]["2"]["cpu_time"].values())
     vocab = report["size"]["language_model"]["vocab_size"]
     for stage in ("stage1", "stage2"):
         check = report[stage]["loss_check"]
@@ -60,3 +66,33 @@ def test_memory_step_counts_weights_gradients_and_optimizer_state():
     assert abs(live["after_optimizer_step"] - live["after_backward"] - state) < 0.05 * state
     assert live["after_backward"] - live["model_and_batch"] > 0.9 * trainable * 4 / gib  # fp32 gradients
     assert report["peak_tensor_gib"] >= live["after_optimizer_step"] and report["loss"] == report["loss"]
+
+
+def test_memory_step_runs_stage1_at_a_batch_from_cached_features():
+    from benchmarks.memory import memory_step
+
+    report = memory_step(torch.device("cpu"), "fp32", preset_name="tiny", stage=1, batch=2,
+                         gradient_checkpointing=True, cached_features=True, lm_layers=1)
+    assert report["stage"] == 1 and report["batch"] == 2 and report["lm_layers"] == 1
+    assert report["seq_len"] == 16 + 40 and report["supervised_tokens"] == 2 * 40
+    assert report["gradient_checkpointing"] is True and report["cached_features"] is True
+    assert report["peak_tensor_gib"] > report["live_tensor_gib"]["model_and_batch"]
+
+
+def test_bench_threads_flag_takes_counts_or_all_and_refuses_others(capsys):
+    import os
+
+    from benchmarks.bench import thread_counts
+
+    assert thread_counts(["1", "all"]) == [1, len(os.sched_getaffinity(0))]
+    assert main(["bench", "--size", "tiny", "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err
+
+
+def test_bench_times_token_compression_on_the_same_text(capsys):
+    assert main(["bench", "--size", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "--only", "stage1",
+                 "--pixel-shuffle", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["stage1_pixel_shuffle_speedup"] > 0
+    assert report["by_threads"]["1"]["stage1_pixel_shuffle_speedup"] == report["stage1_pixel_shuffle_speedup"]
+    assert "ours_s2_shuffled" in report["stage1"]["median_s"]

@@ -245,19 +245,61 @@ def test_time_budget_stops_with_a_checkpoint_that_resumes(workspace, tmp_path):
     assert [json.loads(l)["step"] for l in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
-def test_sharded_strategies_are_recognised_for_the_checkpoint_guard():
+def _cli_args(ws, out, *extra):
+    return ["train", "--model", str(ws["base"]), "--data_path", str(ws["mixed"]), "--image_folder", str(ws["images"]),
+            "--output_dir", str(out), "--stage", "2", "--per_device_batch_size", "8", "--max_steps", "2",
+            "--save_steps", "1", "--logging_steps", "1", "--max_length", "256", "--seed", "5", *extra]
+
+
+def test_resume_refuses_a_changed_run_and_says_what_changed(workspace, tmp_path, capsys):
+    from llava_jp.cli import main
+
+    assert main(_cli_args(workspace, tmp_path)) == 0
+    capsys.readouterr()
+    # same global batch (8), other accumulation: a different loss normalisation and data split per micro-batch
+    changed = ["--per_device_batch_size", "4", "--gradient_accumulation_steps", "2"]
+    assert main(_cli_args(workspace, tmp_path, *changed, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "per_device_batch_size 8 -> 4" in err and "gradient_accumulation_steps 1 -> 2" in err
+    assert "--allow_resume_changes" in err and "Traceback" not in err
+    assert main(_cli_args(workspace, tmp_path, *changed, "--resume", "--allow_resume_changes")) == 0
+
+
+def test_resume_fails_when_the_checkpoint_misses_a_trainable_weight(workspace, tmp_path):
+    train(_cfg(workspace, tmp_path, stage=2, max_steps=2, save_steps=1))
+    (saved,) = ckpt.complete_checkpoints(tmp_path)
+    weights = load_file(saved / ckpt.TRAINABLE_FILE)
+    dropped = "multi_modal_projector.0.weight"
+    del weights[dropped]
+    from safetensors.torch import save_file
+    save_file(weights, saved / ckpt.TRAINABLE_FILE)
+    state = ckpt.read_state(saved)
+    state["files"][ckpt.TRAINABLE_FILE] = (saved / ckpt.TRAINABLE_FILE).stat().st_size  # still looks complete
+    (saved / ckpt.STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(ckpt.CheckpointError, match=f"missing \\['{dropped}'\\]"):
+        train(_cfg(workspace, tmp_path, stage=2, max_steps=2, save_steps=1), resume=True)
+
+
+def test_deepspeed_takes_accumulation_clipping_and_micro_batch_from_the_training_config():
+    """An accelerate config that says gradient_accumulation_steps: 1 would make DeepSpeed step
+    after every micro-batch; the trainer fills these values in or refuses a conflicting one."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
-    from llava_jp.train.loop import _shards_parameters
+    from llava_jp.train import strategy
 
-    def acc(kind, stage=None):
-        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(
-            deepspeed_plugin=SimpleNamespace(zero_stage=stage) if stage is not None else None))
+    def accelerator(ds_config):
+        plugin = SimpleNamespace(deepspeed_config=ds_config, zero_stage=2)
+        return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin),
+                               gradient_accumulation_steps=1, num_processes=2)
 
-    assert _shards_parameters(acc(DistributedType.FSDP))
-    assert _shards_parameters(acc(DistributedType.DEEPSPEED, 3))
-    assert not _shards_parameters(acc(DistributedType.DEEPSPEED, 2))
-    assert not _shards_parameters(acc(DistributedType.MULTI_GPU))
-    assert not _shards_parameters(acc(DistributedType.NO))
+    cfg = load_config("stage2", ["--gradient_accumulation_steps", "4", "--per_device_batch_size", "2"])
+    acc = accelerator({"gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 2}})
+    strategy.configure(acc, cfg)
+    assert acc.gradient_accumulation_steps == 4
+    assert acc.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"] == 4
+    assert acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 2
+    assert acc.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] == cfg.max_grad_norm
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=1 but the training config's value is 4"):
+        strategy.configure(accelerator({"gradient_accumulation_steps": 1}), cfg)

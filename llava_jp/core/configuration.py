@@ -22,6 +22,8 @@ class LlavaJpConfig(PreTrainedConfig):
     image_token_id: placeholder id the processor writes for each image token; negative by
         default so it lies outside every vocabulary and the LM's embeddings never change.
     vision_layout: "default", or "llava-jp-v1.1-compat" for imported predecessor checkpoints.
+    projector_pixel_shuffle: f > 1 merges each f x f block of image tokens into one before the
+        projector (729 -> 196 for 2); 1 = off.
     """
 
     model_type = "llava_jp"
@@ -39,6 +41,7 @@ class LlavaJpConfig(PreTrainedConfig):
     projector_type: str = "mlp2x_gelu"
     image_token_id: int = -200
     vision_layout: str = "default"
+    projector_pixel_shuffle: int = 1
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -51,6 +54,10 @@ class LlavaJpConfig(PreTrainedConfig):
             raise ValueError(f"projector_type: expected 'linear' or 'mlpNx_gelu', got {self.projector_type!r}")
         if self.vision_layout not in VISION_LAYOUTS:
             raise ValueError(f"vision_layout: expected one of {VISION_LAYOUTS}, got {self.vision_layout!r}")
+        if not isinstance(self.projector_pixel_shuffle, int) or self.projector_pixel_shuffle < 1:
+            raise ValueError(f"projector_pixel_shuffle: expected an integer >= 1, got {self.projector_pixel_shuffle!r}")
+        if self.projector_pixel_shuffle > 1 and self.vision_layout != "default":
+            raise ValueError("projector_pixel_shuffle: needs vision_layout 'default' (the v1.1 layout's grid is not square)")
         if self.s2_scales is not None:
             scales = list(self.s2_scales)
             if len(scales) < 1 or scales != sorted(scales):

@@ -10,7 +10,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import vision
 from .configuration import LlavaJpConfig
-from .projector import build_projector
+from .projector import build_projector, merged_tokens, pixel_shuffle
 
 IGNORE_INDEX = -100
 
@@ -36,9 +36,9 @@ class LlavaJpForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """Random weights from `config`, or already-loaded `vision_tower` / `language_model`."""
         super().__init__(config)
         self.vision_tower = vision_tower if vision_tower is not None else AutoModel.from_config(config.vision_config)
-        in_width = vision.feature_width(self.vision_tower) * max(1, len(config.s2_scales or []))
         self.multi_modal_projector = build_projector(
-            config.projector_type, in_width, config.text_config.hidden_size
+            config.projector_type, self.vision_feature_width * config.projector_pixel_shuffle ** 2,
+            config.text_config.hidden_size,
         )
         if language_model is None:
             language_model = AutoModelForCausalLM.from_config(config.text_config)
@@ -47,9 +47,20 @@ class LlavaJpForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     # -- sizes -----------------------------------------------------------------------------
     @property
-    def num_image_tokens(self) -> int:
-        """Tokens one image becomes (729 for SigLIP-384, S2 or not; 728 in the v1.1 compat layout)."""
+    def num_vision_tokens(self) -> int:
+        """Tokens of one image's vision features (729 for SigLIP-384, S2 or not; 728 in the v1.1 compat layout)."""
         return vision.tokens_per_image(self.vision_tower, self.config.vision_layout)
+
+    @property
+    def vision_feature_width(self) -> int:
+        """Channels of one image's vision features (the tower's width times the S2 scales)."""
+        return vision.feature_width(self.vision_tower) * max(1, len(self.config.s2_scales or []))
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Tokens one image becomes in the LM: the vision tokens, fewer after a pixel shuffle."""
+        return merged_tokens(self.num_vision_tokens, self.config.projector_pixel_shuffle) \
+            if self.config.projector_pixel_shuffle > 1 else self.num_vision_tokens
 
     @property
     def projector_input_width(self) -> int:
@@ -74,7 +85,7 @@ class LlavaJpForConditionalGeneration(PreTrainedModel, GenerationMixin):
             p.requires_grad_(False)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pixels -> vision features before the projector, (n_images, num_image_tokens, projector_input_width).
+        """Pixels -> vision features before the projector, (n_images, num_vision_tokens, vision_feature_width).
 
         This is what a feature cache stores: it depends only on the (frozen) vision tower.
         """
@@ -93,7 +104,8 @@ class LlavaJpForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if vision_features is None:
             vision_features = self.encode_images(pixel_values)
         projector_dtype = self.multi_modal_projector[0].weight.dtype
-        return self.multi_modal_projector(vision_features.to(projector_dtype))
+        merged = pixel_shuffle(vision_features, self.config.projector_pixel_shuffle)
+        return self.multi_modal_projector(merged.to(projector_dtype))
 
     def embed_inputs(
         self,
@@ -121,6 +133,13 @@ class LlavaJpForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if n_slots:
             projected = self.get_image_features(pixel_values, vision_features=image_features)
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), projected.to(embeds.dtype))
+        elif torch.is_grad_enabled() and self.multi_modal_projector[0].weight.requires_grad:
+            # training on text only: run the projector on zero images (LLaVA's `image_features[0:0]`)
+            # so its weights get a zero gradient instead of none; ZeRO-3 otherwise keeps the last
+            # step's gradient for weights a step's first micro-batch did not use
+            first = self.multi_modal_projector[0]
+            nothing = self.multi_modal_projector(embeds.new_zeros(0, first.in_features, dtype=first.weight.dtype))
+            embeds = embeds + nothing.sum().to(embeds.dtype)
         return embeds
 
     # -- forward -----------------------------------------------------------------------------

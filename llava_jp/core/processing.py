@@ -122,6 +122,20 @@ def _check_encodable(text: str) -> None:
         raise ValueError(f"text is not valid Unicode ({err.reason} at character {err.start}): {text[:40]!r}") from None
 
 
+def _pil_image_processor(image_processor):
+    """The same image processor (every setting) on transformers' PIL backend."""
+    name = type(image_processor).__name__
+    if name.endswith("Pil"):
+        return image_processor
+    import transformers
+
+    pil_class = getattr(transformers, name + "Pil", None)
+    if pil_class is None:
+        raise ValueError(f"image_backend 'pil': transformers has no {name}Pil")
+    settings = {k: v for k, v in image_processor.to_dict().items() if k != "image_processor_type"}
+    return pil_class(**settings)
+
+
 class LlavaJpProcessor(ProcessorMixin):
     """Turns conversations and images into model inputs.
 
@@ -135,6 +149,11 @@ class LlavaJpProcessor(ProcessorMixin):
     predecessor's prompts: it tokenized the text before each `<image>` as its own chunk with
     the tokenizer's default special tokens, so whatever the tokenizer appends (llm-jp v1's end
     token) comes right before the image features.
+
+    image_backend "pil" resizes with PIL (the image processor's `...Pil` class), as
+    transformers 4.x did and the predecessor's checkpoints were trained with; transformers 5
+    saves an image processor without its backend, so the choice is kept here, across
+    save/load. None: transformers' default (torchvision).
     """
 
     def __init__(
@@ -147,10 +166,16 @@ class LlavaJpProcessor(ProcessorMixin):
         image_token_id: int = -200,
         pad_to_square: bool = True,
         prompt_layout: str = DEFAULT_LAYOUT,
+        image_backend: str | None = None,
         **kwargs,
     ):
         if prompt_layout not in PROMPT_LAYOUTS:
             raise ValueError(f"prompt_layout: expected one of {PROMPT_LAYOUTS}, got {prompt_layout!r}")
+        if image_backend not in (None, "pil"):
+            raise ValueError(f"image_backend: expected null or 'pil', got {image_backend!r}")
+        self.image_backend = image_backend
+        if image_backend == "pil" and image_processor is not None:
+            image_processor = _pil_image_processor(image_processor)
         self.prompt_layout = prompt_layout
         self.template = template
         self.num_image_tokens = num_image_tokens

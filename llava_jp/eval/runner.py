@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from llava_jp.eval._jsonl import append_records, read_records
+from llava_jp.eval.fingerprint import OtherModelsOutput, claim_out_dir, model_fingerprint
 from llava_jp.eval.judge import HERON_STYLES, JudgeClient, Judgment, judge_heron, judge_one_to_five
 from llava_jp.eval.report import write_report
 from llava_jp.eval.rouge import PROTOCOLS, aggregate_rouge_l, rouge_l_scores
@@ -134,16 +136,21 @@ def run_eval(
     heron_style: str = "heron",
     llm_judge_rouge: bool = False,
     progress: bool = True,
+    fingerprint: dict | None = None,
 ) -> dict:
     """Generate, score and report every task; returns the ``scores.json`` content.
 
     ``tasks`` are names (loaded from ``sources[name]`` or the hub) or loaded :class:`EvalTask`s.
     ``generate_fn(images, questions) -> answers`` is called once per batch of ``batch_size``.
     Heron-Bench is scored only with a ``judge``; without one its predictions are still written.
+    ``fingerprint`` (``eval.fingerprint.model_fingerprint``) is recorded in ``out_dir``; a folder
+    that holds another model's outputs is refused (``OtherModelsOutput``).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
     out_dir = Path(out_dir)
+    if fingerprint is not None:
+        claim_out_dir(out_dir, fingerprint)
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = sources or {}
     names = [t if isinstance(t, str) else t.name for t in tasks]
@@ -218,14 +225,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def load_model(model_path: str, device: str | None = None):
-    """(model, processor) of a saved llava-jp model, in eval mode on ``device`` (default: cuda if any)."""
-    import torch
+    """(model, processor) of a saved llava-jp model, in eval mode on ``device`` (default: cuda if
+    any), through the one loader (bf16 on a GPU that supports it, else float32)."""
+    from llava_jp.infer.load import default_device, inference_dtype
+    from llava_jp.infer.load import load_model as load
 
-    from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = LlavaJpForConditionalGeneration.from_pretrained(model_path).to(device).eval()
-    return model, LlavaJpProcessor.from_pretrained(model_path)
+    device = device or default_device()
+    model, processor = load(model_path, dtype=inference_dtype(device), device=device)
+    return model.eval(), processor
 
 
 def model_generate_fn(model_path: str, max_new_tokens: int = 256, device: str | None = None) -> GenerateFn:
@@ -257,9 +264,16 @@ def main_eval(args: argparse.Namespace) -> dict:
         max_attempts=args.judge_attempts,
         workers=args.judge_workers,
     )
+    generation = {"max_new_tokens": args.max_new_tokens, "do_sample": False}  # what decides answers besides the files
+    fingerprint = None
+    if Path(args.model).is_dir():  # checked before the model loads; a hub id's files are there only after
+        fingerprint = model_fingerprint(args.model, generation)
+        claim_out_dir(out_dir, fingerprint)
+    generate_fn = model_generate_fn(args.model, args.max_new_tokens, args.device)
+    fingerprint = fingerprint or model_fingerprint(args.model, generation)
     scores = run_eval(
         tasks,
-        model_generate_fn(args.model, args.max_new_tokens, args.device),
+        generate_fn,
         out_dir,
         judge,
         args.batch_size,
@@ -269,6 +283,7 @@ def main_eval(args: argparse.Namespace) -> dict:
         limit=args.limit,
         heron_style=args.heron_judge_style,
         llm_judge_rouge=args.llm_judge_rouge,
+        fingerprint=fingerprint,
     )
     print((out_dir / "results.md").read_text(encoding="utf-8"))
     return scores
@@ -279,5 +294,9 @@ add_arguments = add_eval_arguments
 
 
 def run(args: argparse.Namespace) -> int:
-    main_eval(args)
+    try:
+        main_eval(args)
+    except OtherModelsOutput as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0

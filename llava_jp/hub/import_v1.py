@@ -3,8 +3,12 @@
 
 The converted model keeps what the checkpoint was trained on: the `llava-jp-v1.1-compat` vision
 layout (728 tokens on a 26x28 grid, see `vision.image_features_llava_jp_v1_1`) and prompt
-layout (see `LlavaJpProcessor`), the predecessor's image size and square resizing. Weights are
-renamed, never changed; pickles are read with `torch.load(weights_only=True)`.
+layout (see `LlavaJpProcessor`), the predecessor's image size and square resizing, and its PIL
+resizing (transformers 4.x image processors; `image_backend: pil`, kept across save/load).
+Weights are renamed, never changed: the predecessor saved its tower in bf16 next to an fp32 LM,
+and the import holds all of them in float32 (exact for both). The tower's keys carry the
+`vision_model.` level that transformers < 5.6 had; they are fitted to the installed SigLIP's
+layout. Pickles are read with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from llava_jp.infer.load import save_model
 from llava_jp.presets.builder import _set_generation_tokens
 from llava_jp.core.configuration import LlavaJpConfig
 from llava_jp.core.modeling import LlavaJpForConditionalGeneration
@@ -85,7 +90,8 @@ def read_predecessor_config(path: Path) -> dict:
         raise ValueError(f"{config_file}: model_type {config.get('model_type')!r} is not a predecessor checkpoint "
                          f"(expected one of {PREDECESSOR_MODEL_TYPES})")
     architectures = config.get("architectures") or [PREDECESSOR_ARCHITECTURE]
-    if PREDECESSOR_ARCHITECTURE not in architectures:
+    # its stage 1 saves the config before any model save, so it still names the LM's class
+    if PREDECESSOR_ARCHITECTURE not in architectures and "GPT2LMHeadModel" not in architectures:
         raise ValueError(f"{config_file}: architectures {architectures}: only {PREDECESSOR_ARCHITECTURE} "
                          "(the GPT-2 / llm-jp variant) can be imported")
     for field in ("mm_vision_tower", "mm_projector_type", "mm_hidden_size"):
@@ -192,7 +198,25 @@ def _text_config(predecessor: dict) -> GPT2Config:
     return config
 
 
+TOWER_LEVEL = "vision_model."  # SiglipVisionModel's inner level before transformers 5.6
+
+
+def fit_tower_layout(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Tower keys with or without the `vision_model.` level, as the installed SigLIP names them."""
+    expected = set(model.state_dict())
+    fitted = {}
+    for key, tensor in state.items():
+        if key.startswith("vision_tower.") and key not in expected:
+            rest = key[len("vision_tower."):]
+            other = rest[len(TOWER_LEVEL):] if rest.startswith(TOWER_LEVEL) else TOWER_LEVEL + rest
+            if "vision_tower." + other in expected:
+                key = "vision_tower." + other
+        fitted[key] = tensor
+    return fitted
+
+
 def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], expect_all: bool) -> None:
+    state = fit_tower_layout(state, model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if model.config.text_config.tie_word_embeddings:
         missing = [k for k in missing if k != "language_model.lm_head.weight"]
@@ -201,12 +225,17 @@ def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], expect_al
 
 
 def _image_processor(vision_name: str, size: int) -> SiglipImageProcessor:
-    try:  # the tower's own preprocessing (mean/std, resampling); tiny local towers have none
+    """The tower's own preprocessing (mean/std, resampling) at the predecessor's input size.
+    Resizing runs on PIL (`image_backend="pil"` on the processor), as transformers 4.x did:
+    torchvision's bicubic gives other pixels. Tiny local towers may have no preprocessing file."""
+    settings = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    try:
         tower_processor = AutoImageProcessor.from_pretrained(vision_name)
-        mean, std = list(tower_processor.image_mean), list(tower_processor.image_std)
+        settings = {k: v for k, v in tower_processor.to_dict().items()
+                    if k in ("image_mean", "image_std", "resample", "rescale_factor", "do_normalize", "do_rescale")}
     except (OSError, ValueError):
-        mean, std = [0.5] * 3, [0.5] * 3
-    return SiglipImageProcessor(size={"height": size, "width": size}, image_mean=mean, image_std=std)
+        pass
+    return SiglipImageProcessor(**settings, size={"height": size, "width": size})
 
 
 def _load_tokenizer(path: Path, override: str | None, predecessor: dict):
@@ -250,9 +279,8 @@ def convert(
         model = LlavaJpForConditionalGeneration(config, vision_tower=tower, language_model=lm)
     else:
         config = build_config(predecessor, vision_config_for(vision_name), _text_config(predecessor), image_size)
-        dtype = next(t.dtype for t in state.values() if t.is_floating_point())
-        model = LlavaJpForConditionalGeneration(config).to(dtype)
-    _load_into(model, state, expect_all=not stage1)
+        model = LlavaJpForConditionalGeneration(config).to(torch.float32)
+    _load_into(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, expect_all=not stage1)
     tok = _load_tokenizer(path, tokenizer, predecessor)
     _set_generation_tokens(model, tok)
     processor = LlavaJpProcessor(
@@ -263,9 +291,9 @@ def convert(
         image_token_id=config.image_token_id,
         pad_to_square=predecessor.get("image_aspect_ratio", "square") == "pad",
         prompt_layout=LLAVA_JP_V1_1_LAYOUT,
+        image_backend="pil",
     )
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    save_model(model, processor, out, torch.float32)
     return model.eval(), processor
 
 

@@ -32,6 +32,7 @@ from llava_jp.hub.card import CardInfo, load_scores, render_model_card
 from llava_jp.core.modeling import LlavaJpForConditionalGeneration
 from llava_jp.core.processing import LlavaJpProcessor
 from llava_jp.core.templates import IMAGE_MARKER, get_template
+from llava_jp.infer.load import load_model, save_model
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "core"
 # package module -> remote-code module in the release, in dependency order
@@ -156,8 +157,8 @@ def probe_image(size: int) -> Image.Image:
 def verify_release(source: str | Path, release_dir: str | Path, max_new_tokens: int = 8, timeout: float = 3600) -> dict:
     """Load `release_dir` in a process that cannot import llava_jp and compare its greedy
     generation and logits on a probe image with the source model's (fp32, CPU)."""
-    model = LlavaJpForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()
-    processor = LlavaJpProcessor.from_pretrained(source)
+    model, processor = load_model(source, dtype=torch.float32)
+    model.eval()
     with tempfile.TemporaryDirectory() as tmp:
         image_path = str(Path(tmp) / "probe.png")
         probe_image(model.config.image_size).save(image_path)
@@ -230,11 +231,9 @@ def release(
         raise ReleaseError(f"{out} is not empty; release into a new or empty directory")
     if isinstance(scores, (str, Path)):
         scores = load_scores(scores)
-    model = LlavaJpForConditionalGeneration.from_pretrained(model_dir)
-    processor = LlavaJpProcessor.from_pretrained(model_dir)
+    model, processor = load_model(model_dir, dtype="saved")  # the release keeps the dtype the model was saved in
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, max_shard_size=max_shard_size)
-    processor.save_pretrained(out)
+    save_model(model, processor, out, model.dtype, max_shard_size=max_shard_size)
     write_remote_code(out)
     add_auto_map(out)
     summary = model_summary(model, processor)

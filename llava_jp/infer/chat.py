@@ -305,18 +305,16 @@ def resolve_model(name_or_path: str | None) -> str:
 
 def load_model(name_or_path: str | None = None, device: str = "auto"):
     """(model, processor) from a saved directory or hub id, in eval mode on `device`
-    ("auto": the GPU in bf16 when there is one, else the CPU in float32)."""
-    from llava_jp.core.modeling import LlavaJpForConditionalGeneration
-    from llava_jp.core.processing import LlavaJpProcessor
+    ("auto": the GPU in bf16 when there is one, else the CPU in float32), via the one loader."""
+    from llava_jp.infer.load import default_device, inference_dtype
+    from llava_jp.infer.load import load_model as load
 
     path = resolve_model(name_or_path)
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+        device = default_device()
     try:
-        model = LlavaJpForConditionalGeneration.from_pretrained(path, dtype=dtype)
-        processor = LlavaJpProcessor.from_pretrained(path)
+        model, processor = load(path, dtype=inference_dtype(device), device=device)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ChatError(f"モデルを読み込めませんでした（{path}）: {first_line}") from None
-    return model.to(device).eval(), processor
+    return model.eval(), processor

@@ -50,6 +50,7 @@ class Preset:
     language_model: LanguageModelSpec
     tokenizer: str
     projector: str = "mlp2x_gelu"
+    projector_pixel_shuffle: int = 1  # 2: 2x2 image tokens merged before the projector (729 -> 196)
     template: str = "llm-jp-v1"
     pad_to_square: bool = True
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -146,6 +147,7 @@ def build_config(preset: Preset, pretrained: bool = False, tokenizer=None) -> Ll
         s2_scales=preset.vision.s2_scales,
         s2_split_size=preset.vision.s2_split_size,
         projector_type=preset.projector,
+        projector_pixel_shuffle=preset.projector_pixel_shuffle,
     )
 
 
@@ -169,14 +171,15 @@ def build_processor(preset: Preset, config: LlavaJpConfig, tokenizer, num_image_
 def build(
     preset: Preset | str,
     pretrained: bool = True,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[LlavaJpForConditionalGeneration, LlavaJpProcessor]:
     """Build (model, processor) for a preset.
 
     pretrained=True loads the vision tower, LM and tokenizer from their hub ids / local paths
     (components without a `name_or_path` get random weights); pretrained=False builds
     everything from the preset's configs with random weights and downloads nothing except the
-    tokenizer (the LM's own tokenizer defines the vocabulary).
+    tokenizer (the LM's own tokenizer defines the vocabulary). Weights come in `dtype`, never
+    in the dtype a pretrained part's config names (transformers 5's default).
     """
     if isinstance(preset, str):
         preset = load_preset(preset)
@@ -188,8 +191,7 @@ def build(
     if pretrained and preset.language_model.name_or_path:
         language_model = AutoModelForCausalLM.from_pretrained(preset.language_model.name_or_path, dtype=dtype)
     model = LlavaJpForConditionalGeneration(config, vision_tower=vision_tower, language_model=language_model)
-    if dtype is not None:
-        model = model.to(dtype)
+    model = model.to(dtype)
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
         if not preset.resize_token_embeddings:

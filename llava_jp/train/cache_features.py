@@ -26,16 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_model(name: str, dtype: torch.dtype):
-    from llava_jp.presets.builder import build
-    from llava_jp.core.modeling import LlavaJpForConditionalGeneration
-    from llava_jp.core.processing import LlavaJpProcessor
+    from llava_jp.infer.load import load_model
 
-    if (Path(name) / "config.json").exists():
-        model = LlavaJpForConditionalGeneration.from_pretrained(name)
-        processor = LlavaJpProcessor.from_pretrained(name)
-    else:
-        model, processor = build(name, pretrained=True)
-    model.vision_tower.to(dtype)  # only the tower runs; fingerprints use bf16-rounded weights either way
+    model, processor = load_model(name, dtype=dtype)  # only the tower runs; fingerprints use bf16-rounded weights either way
     return model.eval(), processor
 
 

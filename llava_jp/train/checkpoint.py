@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 from pathlib import Path
@@ -21,7 +20,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from llava_jp.infer.load import parse_dtype, save_model
+from llava_jp.train import strategy
+
 STATE_FILE = "state.json"
+TRAINABLE_FILE = "trainable.safetensors"
+SCHEDULER_FILE = "scheduler.pt"
 PROJECTOR_FILE = "projector.safetensors"  # stage 1's output
 MODEL_SUBDIR = "model"  # stage 2's output
 _NAME = re.compile(r"checkpoint-(\d+)")
@@ -46,6 +50,9 @@ def _fsync_dir(path: Path) -> None:
 
 def _fsync_tree(path: Path) -> None:
     for file in path.iterdir():
+        if file.is_dir():
+            _fsync_tree(file)
+            continue
         with open(file, "rb") as f:
             os.fsync(f.fileno())
     _fsync_dir(path)
@@ -72,34 +79,77 @@ def remove_stale(output_dir: Path) -> list[str]:
     return removed
 
 
-def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
-    """Write checkpoint-`step` atomically, then prune to the newest `keep` complete ones."""
+def _files(root: Path) -> dict[str, int]:
+    """Every file under `root` (engines write sub-directories), relative path -> size."""
+    return {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _agree(accelerator, ok: bool) -> bool:
+    """True when every process succeeded (a collective: a failure on one stops all of them)."""
+    failed = torch.tensor([0.0 if ok else 1.0], device=accelerator.device)
+    return not bool(accelerator.reduce(failed, "sum"))
+
+
+def save_checkpoint(output_dir: Path, step: int, accelerator, model, scheduler, state: dict, keep: int) -> Path:
+    """Write checkpoint-`step` atomically through `accelerator.save_state`, then prune to the
+    newest `keep` complete ones. Every process calls it (FSDP / ZeRO state is written by all).
+
+    Inside: accelerate's files (optimizer state -- sharded under FSDP / DeepSpeed --, one RNG
+    file per process, the engine's model shards), `trainable.safetensors` (DDP / one process:
+    only what trains, never the frozen tower), `scheduler.pt`, and `state.json` (our schedule
+    and data tallies, and every file with its size), written last by the main process.
+    """
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
-    remove_stale(output_dir)
+    main = accelerator.is_main_process
+    error: BaseException | None = None
     try:
-        tmp.mkdir(parents=True)
-        save_file(trainable_state_dict(model), tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "files": files}), encoding="utf-8")
-        _fsync_tree(tmp)
-        if final.exists():
-            _discard(final)
-        os.replace(tmp, final)
-        _fsync_dir(output_dir)
+        if main:
+            remove_stale(output_dir)
+            tmp.mkdir(parents=True)
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        error = err
+    if _agree(accelerator, error is None):
+        hook = None if strategy.saves_model_itself(accelerator) else \
+            accelerator.register_save_state_pre_hook(lambda models, weights, where: weights.clear())
+        try:
+            accelerator.save_state(str(tmp), **strategy.save_state_kwargs(accelerator))
+            if main:
+                if hook is not None:
+                    save_file(trainable_state_dict(model), tmp / TRAINABLE_FILE)
+                torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        except OSError as err:
+            error = err
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            if hook is not None:
+                hook.remove()
+        if _agree(accelerator, error is None) and main:
+            try:
+                (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "files": _files(tmp)}), encoding="utf-8")
+                _fsync_tree(tmp)
+                if final.exists():
+                    _discard(final)
+                os.replace(tmp, final)
+                _fsync_dir(output_dir)
+            except OSError as err:
+                error = err
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    if not _agree(accelerator, error is None):
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         intact = complete_checkpoints(output_dir)
         kept = f"the newest complete checkpoint, {intact[-1]}, is intact" if intact else "there is no earlier checkpoint"
-        raise CheckpointError(f"could not write {final} ({err}); {kept}. Free space and rerun with --resume.") from err
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in complete_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-        _discard(old)
+        reason = error or "another process could not write its part"
+        raise CheckpointError(f"could not write {final} ({reason}); {kept}. Free space and rerun with --resume.") from error
+    if main:
+        for old in complete_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            _discard(old)
+    accelerator.wait_for_everyone()
     return final
 
 
@@ -128,30 +178,35 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.fullmatch(p.name).group(1)))
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore trainable weights, optimizer, scheduler and RNG; returns the saved state."""
-    weights = load_file(path / "trainable.safetensors")
-    missing = model.load_state_dict(weights, strict=False)
-    if missing.unexpected_keys:
-        raise ValueError(f"{path}: unexpected weights {missing.unexpected_keys[:5]}")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+def read_state(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def load_checkpoint(path: Path, accelerator, model, scheduler) -> dict:
+    """Restore what `save_checkpoint` wrote (every process calls it); returns the saved state.
+    The checkpoint must hold every weight that trains now: a missing one is an error, not a
+    silently untrained parameter."""
+    hook = None
+    if not strategy.saves_model_itself(accelerator):
+        def load_trainable(models, where):
+            models.clear()  # the frozen weights come from the base model, the rest from here
+            weights = load_file(path / TRAINABLE_FILE)
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            missing, unexpected = sorted(trainable - weights.keys()), sorted(weights.keys() - trainable)
+            if missing or unexpected:
+                raise ValueError(f"{path / TRAINABLE_FILE} does not match what trains now: "
+                                 f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                                 f"not trainable {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+            model.load_state_dict(weights, strict=False)
 
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        hook = accelerator.register_load_state_pre_hook(load_trainable)
+    try:
+        accelerator.load_state(str(path), **strategy.load_state_kwargs(accelerator))
+    finally:
+        if hook is not None:
+            hook.remove()
+    scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
+    return read_state(path)
 
 
 # -- final output --------------------------------------------------------------------------------
@@ -177,18 +232,19 @@ def atomic_write(final: Path, write) -> None:
 
 def save_result(model, processor, cfg, state_dict: dict) -> Path:
     """Stage 1: only the projector (safetensors). Stage 2: a full `from_pretrained` directory.
+    Both in `cfg.save_dtype` (the dtype policy: `llava_jp.infer.load`).
     `state_dict` is the full model's, from `accelerator.get_state_dict` (which gathers FSDP /
     ZeRO-3 shards)."""
     out = Path(cfg.output_dir)
+    dtype = parse_dtype(cfg.save_dtype, "save_dtype")
     if cfg.stage == 1:
         prefix = "multi_modal_projector."
-        weights = {k[len(prefix):]: v.contiguous() for k, v in state_dict.items() if k.startswith(prefix)}
+        weights = {k[len(prefix):]: v.to(dtype).contiguous() for k, v in state_dict.items() if k.startswith(prefix)}
         atomic_write(out / PROJECTOR_FILE, lambda tmp: save_file(weights, tmp))
         return out / PROJECTOR_FILE
 
     def write(path: Path) -> None:
-        model.save_pretrained(path, state_dict=state_dict)
-        processor.save_pretrained(path)
+        save_model(model, processor, path, dtype, state_dict=state_dict)
 
     atomic_write(out / MODEL_SUBDIR, write)
     return out / MODEL_SUBDIR

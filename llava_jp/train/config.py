@@ -30,7 +30,12 @@ class TrainConfig:
     group_by_modality_length: bool = True
     strict_data: bool = False
     feature_cache: str | None = None  # `llava-jp cache-features --out` dir: frozen-tower features instead of pixels
-    dataloader_num_workers: int = 0
+    # loader worker processes; None: one per CPU core up to 8 per GPU process on CUDA, 0 on CPU
+    # (the loader would take the cores the step computes on); docs/benchmarks.md sizes them
+    dataloader_num_workers: int | None = None
+    dataloader_pin_memory: bool = True  # page-locked batches, copied to the GPU asynchronously (CUDA only)
+    dataloader_persistent_workers: bool = True  # workers live across epochs (no restart per epoch)
+    dataloader_prefetch_factor: int = 4  # batches each worker prepares ahead
 
     # optimisation
     output_dir: str = "outputs/run"
@@ -48,6 +53,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # "bf16": autocast over fp32 master weights
     gradient_checkpointing: bool = False
     seed: int = 42
+    save_dtype: str = "float32"  # every weight of the final output, recorded in its config (llava_jp/infer/load.py)
 
     # bookkeeping
     logging_steps: int = 10
@@ -67,11 +73,16 @@ class TrainConfig:
             raise ValueError("data_path: required")
         if self.optimizer not in ("adamw", "adamw_8bit"):
             raise ValueError(f"optimizer: expected 'adamw' or 'adamw_8bit', got {self.optimizer!r}")
+        if self.save_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"save_dtype: expected 'float32', 'bfloat16' or 'float16', got {self.save_dtype!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision: expected 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
-        for name in ("per_device_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps", "save_steps"):
+        for name in ("per_device_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps", "save_steps",
+                     "dataloader_prefetch_factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
+            raise ValueError(f"dataloader_num_workers: must be >= 0, got {self.dataloader_num_workers}")
         if self.feature_cache and self.train_vision_tower:
             raise ValueError("feature_cache: cached features need a frozen vision tower (train_vision_tower is true)")
         if not 0 <= self.warmup_ratio < 1:

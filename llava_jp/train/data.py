@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 import datasets
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from llava_jp.train.features import FeatureCache
 from llava_jp.core.modeling import IGNORE_INDEX
@@ -36,9 +38,9 @@ class DataError(ValueError):
 
 
 # samples too long for max_length (found at tokenization, like `CONVERSATION_FAULTS`)
-LENGTH_FAULTS = ("image_cut_by_max_length", "no_complete_answer_within_max_length")
+LENGTH_FAULTS = ("image_cut_by_max_length", "image_beyond_max_length", "no_complete_answer_within_max_length")
 # part of the tokenization cache key: bump it when `encode_record`'s rules change
-ENCODING_VERSION = 2
+ENCODING_VERSION = 3
 
 
 def load_records(data_path: str) -> tuple[datasets.Dataset, str]:
@@ -55,7 +57,9 @@ def load_records(data_path: str) -> tuple[datasets.Dataset, str]:
         if not isinstance(rows, list):
             raise DataError(f"{data_path}: expected a JSON list of samples")
         rows = [r if isinstance(r, dict) else {} for r in rows]
+        # turing-motors/LLaVA-v1.5-Instruct-620K-JA writes `image` as a path or a list of one path
         images = [r.get("image") for r in rows]
+        images = [im[0] if isinstance(im, list) and len(im) == 1 else im for im in images]
         # conversations are kept as JSON text: Arrow needs one schema, LLaVA rows vary
         return datasets.Dataset.from_dict({
             "id": [_storable(str(r.get("id", i))) for i, r in enumerate(rows)],
@@ -146,15 +150,19 @@ def encode_record(record: dict, processor: LlavaJpProcessor, max_length: int, pl
 
 
 def _truncate(ids: list[int], labels: list[int], max_length: int, image_token_id: int):
-    """Cut to the end of the last answer that fits whole; never inside the image tokens."""
-    if image_token_id in ids[max_length:] and image_token_id in ids[:max_length]:
-        return ids, labels, "image_cut_by_max_length"
+    """Cut to the end of the last answer that fits whole. Every image token must stay: a cut
+    inside them, or one that leaves an image's tokens behind the end (its pixels would still be
+    sent, and the batch would fail for want of placeholders), drops the sample."""
     end = max_length
     # step back to the end of a complete answer: a supervised token followed by an unsupervised one
     while end > 0 and not (labels[end - 1] != IGNORE_INDEX and (end == len(labels) or labels[end] == IGNORE_INDEX)):
         end -= 1
+    if image_token_id in ids[max_length:] and image_token_id in ids[:max_length]:
+        return ids, labels, "image_cut_by_max_length"
     if end == 0:
         return ids, labels, "no_complete_answer_within_max_length"
+    if image_token_id in ids[end:]:
+        return ids, labels, "image_beyond_max_length"
     return ids[:end], labels[:end], "truncated"
 
 
@@ -272,3 +280,36 @@ class Collator:
             batch["pixel_values"] = torch.cat(pixels)
         batch["faults"] = faults
         return batch
+
+
+# cap on loader workers per GPU process when `dataloader_num_workers` is unset: one worker
+# (~100 images/s at 768 px) covers an H200's stage-1 demand on paper (~55 samples/s,
+# docs/benchmarks.md); the rest is room for larger source images, slow disks and Python overhead
+AUTO_WORKERS_PER_GPU = 8
+
+
+def loader_workers(requested: int | None) -> int:
+    """`requested`, or the automatic choice: on CUDA the CPU cores this process may claim
+    (cores / processes on the node, less one for the training process), up to
+    `AUTO_WORKERS_PER_GPU`; on CPU none (workers would take the cores the step computes on)."""
+    if requested is not None:
+        return requested
+    if not torch.cuda.is_available():
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    return max(0, min(AUTO_WORKERS_PER_GPU, cores // max(per_node, 1) - 1))
+
+
+def make_loader(batches: list[list[int]], collator: Collator, cfg, seed: int = 0) -> DataLoader:
+    """The training DataLoader over precomputed batches of indices: worker processes run the
+    collator (image decoding and resizing) ahead of the step, with pinned memory on CUDA."""
+    workers = loader_workers(cfg.dataloader_num_workers)
+    extra = {}
+    if workers:
+        extra = {"persistent_workers": cfg.dataloader_persistent_workers, "prefetch_factor": cfg.dataloader_prefetch_factor}
+    return DataLoader(batches, batch_size=None, shuffle=False, collate_fn=collator, num_workers=workers,
+                      pin_memory=cfg.dataloader_pin_memory and torch.cuda.is_available(),
+                      # its own generator: creating the iterator must not draw from the global
+                      # RNG, or a resumed run's dropout masks would differ from the original's
+                      generator=torch.Generator().manual_seed(seed), **extra)

@@ -114,7 +114,7 @@ class FeatureCache:
     @classmethod
     def for_model(cls, root: str | Path, model, processor) -> FeatureCache:
         """The cache of `model`'s vision features under `root` (created if absent)."""
-        return cls(root, fingerprint(model, processor), model.num_image_tokens, model.projector_input_width)
+        return cls(root, fingerprint(model, processor), model.num_vision_tokens, model.vision_feature_width)
 
     # -- lookup ------------------------------------------------------------------------------
     def stale(self, images: list[str], image_folder: str | Path | None) -> list[str]:

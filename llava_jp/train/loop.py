@@ -1,8 +1,11 @@
 """The training loop on `accelerate` (DDP / FSDP / DeepSpeed come from `accelerate launch`).
 
-One optimizer step = `gradient_accumulation_steps` micro-batches on every process. The loss is
-normalised by the number of supervised tokens in the whole global batch, so one process and N
-processes compute the same loss and gradients for the same global batch.
+One optimizer step = `gradient_accumulation_steps` micro-batches on every process, accumulated
+through `accelerator.accumulate` (the only way DeepSpeed, which steps inside `backward`, agrees
+on where a step ends). The loss is normalised by the number of supervised tokens in the whole
+global batch, so one process and N processes compute the same loss and gradients for the same
+global batch. Checkpoints go through `accelerator.save_state` (train/checkpoint.py), so every
+strategy can save periodically, resume and stop at a time budget.
 """
 
 from __future__ import annotations
@@ -15,26 +18,25 @@ import shutil
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
 from llava_jp.train import features as feature_cache
-from llava_jp.presets.builder import build
+from llava_jp.infer.load import load_model
 from llava_jp.core.modeling import IGNORE_INDEX
 from llava_jp.core.processing import IMAGE_FAULTS
 from llava_jp.train import checkpoint as ckpt
+from llava_jp.train import strategy
 from llava_jp.train.checkpoint import save_result, write_json
 from llava_jp.train.config import TrainConfig, load_config
-from llava_jp.train.data import Collator, DataError, encode_dataset, grouped_batches, load_records
+from llava_jp.train.data import Collator, DataError, encode_dataset, grouped_batches, load_records, make_loader
 from llava_jp.train.optim import build_optimizer, prepare_for_training
 
 logger = logging.getLogger(__name__)
@@ -43,11 +45,7 @@ logger = logging.getLogger(__name__)
 # -- model ---------------------------------------------------------------------------------
 def setup_model(cfg: TrainConfig) -> tuple[LlavaJpForConditionalGeneration, LlavaJpProcessor]:
     """Load or build the model, load a stage-1 projector, and set what trains."""
-    if cfg.model:
-        model = LlavaJpForConditionalGeneration.from_pretrained(cfg.model)
-        processor = LlavaJpProcessor.from_pretrained(cfg.model)
-    else:
-        model, processor = build(cfg.preset, pretrained=True)
+    model, processor = load_model(cfg.model or cfg.preset, dtype=torch.float32)
     if cfg.template:
         processor.template = cfg.template
     if cfg.pretrained_projector:
@@ -119,46 +117,71 @@ def _prepare_output_dir(out: Path, resume: bool, overwrite: bool, accelerator: A
     accelerator.wait_for_everyone()
 
 
-def _resume(out: Path, model, optimizer, scheduler, accelerator: Accelerator) -> dict | None:
-    """Load the newest complete checkpoint that loads; a damaged one is skipped with a warning.
-    None when there is no checkpoint; an error when there are some but none loads."""
+class ResumeMismatch(ckpt.CheckpointError):
+    """--resume with a run that differs from the checkpoint's in what decides the schedule."""
+
+
+def _check_same_run(path: Path, run: dict, accept_changes: bool, accelerator: Accelerator) -> None:
+    """Refuse to resume a checkpoint made with another world size, per-device batch,
+    accumulation or step count: the data order, the loss normalisation and the LR schedule
+    would silently differ from the run that was interrupted. `--allow_resume_changes` accepts
+    it (a sharded engine state cannot change world size or strategy, so that stays refused)."""
+    saved = ckpt.read_state(path).get("run")
+    if saved is None:
+        raise ResumeMismatch(f"{path} was written by an older llava-jp (no run settings recorded): start a new "
+                             "--output_dir or delete its checkpoints")
+    changed = [f"{key} {saved.get(key)} -> {value}" for key, value in run.items() if saved.get(key) != value]
+    if not changed:
+        return
+    message = f"--resume: this run differs from {path}: {', '.join(changed)}"
+    sharded = saved.get("strategy") != "single" or run["strategy"] != "single"
+    if accept_changes and not (sharded and (saved.get("strategy") != run["strategy"] or saved.get("world_size") != run["world_size"])):
+        logger.warning("%s (accepted by --allow_resume_changes)", message)
+        return
+    raise ResumeMismatch(message + ("" if accept_changes else "; pass --allow_resume_changes to continue anyway")
+                         + (" (a checkpoint's optimizer state cannot change strategy or world size)" if accept_changes else ""))
+
+
+def _resume(out: Path, model, scheduler, accelerator: Accelerator, run: dict, accept_changes: bool = False) -> dict | None:
+    """Load the newest complete checkpoint that loads on every process; a damaged one is
+    skipped with a warning. None when there is no checkpoint; an error when there are some
+    but none loads, or when the run's settings differ from the checkpoint's."""
     found = ckpt.complete_checkpoints(out)
     errors = []
     for path in reversed(found):
+        _check_same_run(path, run, accept_changes, accelerator)
+        reason = None
         try:
-            state = ckpt.load_checkpoint(path, model, optimizer, scheduler)
+            state = ckpt.load_checkpoint(path, accelerator, model, scheduler)
         except Exception as err:  # noqa: BLE001 -- damaged files raise whatever their reader raises
             reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-            errors.append(f"{path.name}: {reason}")
-            logger.warning("could not load %s (%s); trying the one before", path, reason)
-            continue
-        accelerator.print(f"resumed from {path} at step {state['step']}")
-        return state
+        if ckpt._agree(accelerator, reason is None):
+            accelerator.print(f"resumed from {path} at step {state['step']}")
+            return state
+        reason = reason or "another process could not load its part"
+        errors.append(f"{path.name}: {reason}")
+        logger.warning("could not load %s (%s); trying the one before", path, reason)
     if found:
         raise ckpt.CheckpointError(f"--resume: no checkpoint in {out} could be loaded: {'; '.join(errors)}")
     accelerator.print(f"--resume: no complete checkpoint in {out}, starting fresh")
     return None
 
 
-def _shards_parameters(accelerator: Accelerator) -> bool:
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
-    return plugin is not None and plugin.zero_stage == 3
-
-
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, allow_resume_changes: bool = False) -> dict:
     """Run one training stage; returns a summary (also written to output_dir/summary.json)."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, processor = setup_model(cfg)
     with_text_only = True  # a text-only batch leaves the projector without gradient
+    accum = cfg.gradient_accumulation_steps
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=accum,
         log_with=cfg.report_to or None,
         project_dir=str(out),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=with_text_only)],
     )
+    strategy.configure(accelerator, cfg)
     _prepare_output_dir(out, resume, cfg.overwrite_output_dir, accelerator)
     set_seed(cfg.seed)
     with accelerator.main_process_first():
@@ -166,11 +189,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     lengths = dataset["length"]
     has_image = [bool(x) for x in dataset["image"]]
     world, rank = accelerator.num_processes, accelerator.process_index
+    strategy.refuse_unsupported(accelerator, cfg, text_only_samples=not all(has_image))
     batches, total_steps = _schedule(lengths, has_image, cfg, cfg.per_device_batch_size * world, world)
-    if _shards_parameters(accelerator) and (resume or cfg.save_steps < total_steps or cfg.time_budget_s is not None):
-        raise ValueError("periodic checkpoints, --resume and time_budget_s are not supported under FSDP / ZeRO-3 yet "
-                         "(a checkpoint would hold one process's shard): set --save_steps above the run's "
-                         f"{total_steps} steps, or use DDP / ZeRO-2 (scripts/accelerate/). The final model is gathered.")
+    run = {"strategy": strategy.name(accelerator), "world_size": world, "per_device_batch_size": cfg.per_device_batch_size,
+           "gradient_accumulation_steps": accum, "total_steps": total_steps}
     cache = None
     if cfg.feature_cache:  # checked once here: every image cached for this exact vision tower
         cache = feature_cache.open_for_training(cfg.feature_cache, model, processor,
@@ -183,20 +205,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                               num_training_steps=total_steps)
     unwrapped = accelerator.unwrap_model(model)
 
-    state = _resume(out, unwrapped, optimizer, scheduler, accelerator) if resume else None
+    state = _resume(out, unwrapped, scheduler, accelerator, run, allow_resume_changes) if resume else None
     start_step = state["step"] if state else 0
+    # accelerate's micro-batch counter decides where an accumulation ends; load_state restores the
+    # saved one, which an accepted change of accumulation would leave off our step boundary
+    accelerator.step = start_step * accum
     tally = _Tally(accelerator, state.get("data") if state else None)
     if cfg.report_to:
         accelerator.init_trackers("llava-jp", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))})
 
-    accum = cfg.gradient_accumulation_steps
     my_batches = [b[rank::world] for b in batches[start_step * accum: total_steps * accum]]
     collator = Collator(dataset, processor, cfg.image_folder, strict=cfg.strict_data, feature_cache=cache)
-    loader = DataLoader(my_batches, batch_size=None, shuffle=False, collate_fn=collator,
-                        num_workers=cfg.dataloader_num_workers,
-                        # its own generator: creating the iterator must not draw from the global
-                        # RNG, or a resumed run's dropout masks would differ from the original's
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    loader = make_loader(my_batches, collator, cfg, cfg.seed)
     batch_iter = iter(loader)
     log_path = out / "log.jsonl"
     progress = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_main_process,
@@ -219,19 +239,22 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         t_compute = time.perf_counter()
         n_global = int(accelerator.reduce(torch.tensor(sum(_supervised_tokens(b) for b in micro), device=accelerator.device), "sum"))
         loss_sum = torch.zeros((), device=accelerator.device)
-        for i, batch in enumerate(micro):
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            sync = accelerator.no_sync(model) if i < accum - 1 else nullcontext()
-            with sync, accelerator.autocast():
-                summed = model(**batch, loss_reduction="sum").loss
-            accelerator.backward(summed * world / max(n_global, 1))
-            loss_sum += summed.detach().float()
-            window["samples"] += batch["input_ids"].shape[0] * world
-            window["tokens"] += int(batch["attention_mask"].sum()) * world
         if n_global:
-            if cfg.max_grad_norm:
+            for batch in micro:
+                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+                with accelerator.accumulate(model), accelerator.autocast():
+                    summed = model(**batch, loss_reduction="sum").loss
+                    # accelerate (and DeepSpeed's engine) divide by the accumulation steps; our
+                    # normalisation is the global batch's token count, so that is undone here
+                    accelerator.backward(summed * world * accum / n_global)
+                loss_sum += summed.detach().float()
+                window["samples"] += batch["input_ids"].shape[0] * world
+                window["tokens"] += int(batch["attention_mask"].sum()) * world
+            if not accelerator.sync_gradients:
+                raise RuntimeError(f"accelerate's accumulation boundary is not at step {step + 1}'s last micro-batch")
+            if cfg.max_grad_norm and not strategy.is_deepspeed(accelerator):  # DeepSpeed clips in its step
                 accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-            optimizer.step()
+            optimizer.step()  # under DeepSpeed a no-op: the engine stepped in the last backward
         elif accelerator.is_main_process:  # every sample of the global batch was skipped: no data, no update
             tally.add("updates_skipped")
         with warnings.catch_warnings():  # after a skipped update torch warns that the order looks wrong
@@ -266,10 +289,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             window = {"samples": 0, "tokens": 0, "data_s": 0.0, "compute_s": 0.0, "t0": time.perf_counter()}
         if (step % cfg.save_steps == 0 and step < total_steps) or over_budget:
             counts = tally.totals()
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                ckpt.save_checkpoint(out, step, unwrapped, optimizer, scheduler,
-                                     {"total_steps": total_steps, "data": counts}, cfg.save_total_limit)
+            ckpt.save_checkpoint(out, step, accelerator, unwrapped, scheduler,
+                                 {"total_steps": total_steps, "run": run, "data": counts}, cfg.save_total_limit)
         if over_budget and step < total_steps:
             accelerator.print(f"time budget of {cfg.time_budget_s:.0f} s reached at step {step}/{total_steps}")
             stopped_early = True
@@ -298,13 +319,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file or bundled config name (stage1, stage2)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--allow_resume_changes", action="store_true",
+                        help="with --resume: continue even if world size, per-device batch, accumulation or total "
+                             "steps differ from the checkpoint's")
     parser.epilog = "Any config key can be overridden: --learning_rate 1e-4 --output_dir runs/x"
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     try:
-        summary = train(cfg, resume=args.resume)
+        summary = train(cfg, resume=args.resume, allow_resume_changes=args.allow_resume_changes)
+    except ResumeMismatch as err:  # the user changed the launch: say what, no traceback
+        tqdm.write(f"error: {err}", file=sys.stderr)
+        return 2
     except (DataError, ckpt.CheckpointError) as err:  # a bad sample under strict_data, a full disk, ...
         tqdm.write(f"error: {err}", file=sys.stderr)  # on its own line, under the progress bar
         return 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from llava_jp.core.modeling import LlavaJpForConditionalGeneration
+from llava_jp.infer.load import apply_training_dtypes
 from llava_jp.train.config import TrainConfig
 
 
@@ -20,7 +21,8 @@ def enable_activation_checkpointing(lm) -> None:
 
 
 def prepare_for_training(model: LlavaJpForConditionalGeneration, cfg: TrainConfig) -> None:
-    """Set what trains for the stage, store a frozen tower in bf16, enable gradient checkpointing."""
+    """Set what trains for the stage, apply the dtype policy (trainable parameters in float32,
+    frozen ones in the compute dtype: `apply_training_dtypes`), enable gradient checkpointing."""
     model.requires_grad_(False)
     model.multi_modal_projector.requires_grad_(True)
     if cfg.stage == 2:
@@ -28,8 +30,7 @@ def prepare_for_training(model: LlavaJpForConditionalGeneration, cfg: TrainConfi
     if cfg.train_vision_tower:
         model.vision_tower.requires_grad_(True)
         model.freeze_unused_vision_parameters()
-    elif cfg.mixed_precision == "bf16":
-        model.vision_tower.to(torch.bfloat16)  # frozen: no master copy needed
+    apply_training_dtypes(model, cfg.mixed_precision)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model.language_model)
         model.language_model.config.use_cache = False

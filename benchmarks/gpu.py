@@ -1,0 +1,245 @@
+"""One-shot GPU measurement of the recipe: `python -m benchmarks.gpu --out gpu.json`.
+
+On a CUDA machine, in well under 8 minutes, for `llava-jp-1.3b-s2` with random weights (no
+download): stage-1 and stage-2 training steps at the recipe's per-device batch (tokens/s,
+samples/s, MFU, peak memory), and greedy decoding after an image prompt (time to first token,
+decode tokens/s). Each stage is set up by the trainer's own `prepare_for_training` and
+`build_optimizer` from the bundled `stage1` / `stage2` configs, so the figures follow the
+recipe's dtype policy, optimizer and activation checkpointing as they are in this checkout.
+Everything goes into one JSON file (and stdout).
+
+MFU = model FLOPs (`benchmarks/flops.py`: what the stage computes per sample, recomputation
+excluded) x samples/s / the GPU's bf16 dense peak (known GPUs, or `--peak-tflops`).
+
+`--size tiny` runs the same code on the tiny preset (CPU is fine): the plumbing test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import transformers
+
+from benchmarks.flops import SampleShape, peak_tflops, sample_flops
+from benchmarks.sizes import _sample, _tokens, bench_size
+from llava_jp.core.modeling import IGNORE_INDEX, LlavaJpForConditionalGeneration
+from llava_jp.presets.builder import BUILTIN_TOKENIZERS, build_config, load_preset, load_tokenizer
+from llava_jp.train.config import TrainConfig, load_config
+from llava_jp.train.optim import build_optimizer, prepare_for_training
+
+PRESETS = {"full": "llava-jp-1.3b-s2", "tiny": "tiny"}
+GIB = 2**30
+
+
+def _config(size: str):
+    preset = load_preset(PRESETS[size])
+    tokenizer = load_tokenizer(preset.tokenizer) if preset.tokenizer in BUILTIN_TOKENIZERS else None
+    return build_config(preset, pretrained=False, tokenizer=tokenizer)
+
+
+def _model(config, device: torch.device) -> LlavaJpForConditionalGeneration:
+    with torch.device(device):  # random init on the GPU itself: seconds, not a minute on the CPU
+        return LlavaJpForConditionalGeneration(config)
+
+
+def _train_config(stage: int, size: str, device: torch.device, overrides: list[str]) -> TrainConfig:
+    """The bundled recipe config of `stage`; at tiny size or on CPU, a batch of 2 in fp32."""
+    cfg = load_config(f"stage{stage}", overrides, preset=PRESETS[size], data_path="unused")
+    if device.type != "cuda":  # a CPU has no bf16 matrix units worth timing, and little memory
+        cfg = dataclasses.replace(cfg, mixed_precision="no", per_device_batch_size=2)
+    if cfg.optimizer == "adamw_8bit" and device.type != "cuda":
+        cfg = dataclasses.replace(cfg, optimizer="adamw")
+    return cfg
+
+
+def make_batch(model: LlavaJpForConditionalGeneration, stage: int, batch: int, size: str, seed: int = 0) -> dict:
+    """A right-padded batch shaped like the recipe's data (benchmarks/sizes.py)."""
+    shapes = bench_size("mid" if size == "full" else "tiny")
+    rng = random.Random(seed)
+    vocab = model.config.text_config.vocab_size
+    samples = [_sample(shapes, stage, rng, model.num_image_tokens, model.config.image_token_id, vocab) for _ in range(batch)]
+    length = max(len(ids) for ids, _ in samples)
+    out = {"input_ids": torch.zeros(batch, length, dtype=torch.long),
+           "attention_mask": torch.zeros(batch, length, dtype=torch.long),
+           "labels": torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)}
+    for i, (ids, labels) in enumerate(samples):
+        out["input_ids"][i, :len(ids)] = torch.tensor(ids)
+        out["attention_mask"][i, :len(ids)] = 1
+        out["labels"][i, :len(ids)] = torch.tensor(labels)
+    side = model.config.image_size
+    out["pixel_values"] = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(seed))
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _dtypes(model: LlavaJpForConditionalGeneration) -> dict:
+    return {part: str(next(getattr(model, part).parameters()).dtype).replace("torch.", "")
+            for part in ("vision_tower", "multi_modal_projector", "language_model")}
+
+
+def measure_stage(stage: int, size: str, device: torch.device, warmup: int, steps: int, peak: float | None,
+                  overrides: list[str], deadline: float) -> dict:
+    """`warmup` + `steps` optimizer steps of `stage` as `llava-jp train` runs them, one micro-batch each."""
+    cfg = _train_config(stage, size, device, overrides)
+    torch.manual_seed(0)
+    model = _model(_config(size), device)
+    prepare_for_training(model, cfg)
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg)
+    batch = {k: v.to(device) for k, v in make_batch(model, stage, cfg.per_device_batch_size, size, seed=stage).items()}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.mixed_precision == "bf16" else nullcontext()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> float:
+        with autocast:
+            loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, losses = [], []
+    for _ in range(steps):
+        _sync(device)
+        start = time.perf_counter()
+        losses.append(step())
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        if time.perf_counter() > deadline:
+            break
+    step_s = statistics.median(times)
+    n = cfg.per_device_batch_size
+    tokens = int(batch["attention_mask"].sum())
+    supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    flops = sample_flops(model, stage, SampleShape(tokens=round(tokens / n), supervised=round(supervised / n)))["flops"] * n
+    result = {
+        "per_device_batch_size": n, "tokens_per_batch": tokens, "supervised_tokens": supervised,
+        "mixed_precision": cfg.mixed_precision, "optimizer": cfg.optimizer,
+        "gradient_checkpointing": cfg.gradient_checkpointing, "parameter_dtypes": _dtypes(model),
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "step_s": step_s, "step_times_s": times, "samples_per_s": n / step_s, "tokens_per_s": tokens / step_s,
+        "model_tflop_per_step": flops / 1e12, "achieved_tflops": flops / step_s / 1e12,
+        "loss_first_last": [losses[0], losses[-1]],
+    }
+    if peak:
+        result["mfu"] = flops / step_s / (peak * 1e12)
+    if device.type == "cuda":
+        result["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
+    del model, optimizer, batch
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def measure_decode(size: str, device: torch.device, new_tokens: int, repeats: int) -> dict:
+    """Greedy decoding (batch 1) after a 729-token image prompt, the model in bf16 on CUDA."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = _model(_config(size), device).to(dtype).eval()
+    vocab = model.config.text_config.vocab_size
+    rng = random.Random(3)
+    prompt = _tokens(rng, 33, vocab) + [model.config.image_token_id] * model.num_image_tokens + _tokens(rng, 20, vocab)
+    ids = torch.tensor([prompt], device=device)
+    side = model.config.image_size
+    pixels = torch.randn(1, 3, side, side, device=device, dtype=dtype)
+    eos = model.generation_config.eos_token_id
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  pad_token_id=eos if eos is not None else 0)
+    model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                   pad_token_id=kwargs["pad_token_id"])  # warm-up
+    ttft, totals = [], []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        model.generate(input_ids=ids, pixel_values=pixels, **{**kwargs, "max_new_tokens": 1, "min_new_tokens": 1})
+        _sync(device)
+        ttft.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        model.generate(input_ids=ids, pixel_values=pixels, **kwargs)
+        _sync(device)
+        totals.append(time.perf_counter() - start)
+    first, total = statistics.median(ttft), statistics.median(totals)
+    return {"prompt_tokens": len(prompt), "new_tokens": new_tokens, "dtype": str(dtype).replace("torch.", ""),
+            "ttft_s": first, "decode_tokens_per_s": (new_tokens - 1) / max(total - first, 1e-9),
+            "end_to_end_tokens_per_s": new_tokens / total}
+
+
+def _lora_key() -> str | None:
+    """The training config's LoRA switch, once the training front-end provides one."""
+    return next((f.name for f in dataclasses.fields(TrainConfig) if f.name in ("lora", "use_lora")), None)
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    started = time.perf_counter()
+    deadline = started + args.budget_s
+    report: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
+                    "preset": PRESETS[args.size], "torch": torch.__version__, "transformers": transformers.__version__,
+                    "python": platform.python_version()}
+    peak = args.peak_tflops
+    if device.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(device)
+        peak = peak or peak_tflops(report["gpu"])
+    report["peak_tflops"] = peak
+    steps = 1 if args.size == "tiny" else args.steps
+    warmup = 1 if args.size == "tiny" else args.warmup
+    variants = [("stage1", 1, []), ("stage2", 2, [])]
+    lora = _lora_key()
+    if lora:
+        variants.append(("stage2_lora", 2, [f"--{lora}", "true"]))
+    else:
+        report["stage2_lora"] = {"skipped": "this checkout's training config has no LoRA key"}
+    for name, stage, overrides in variants:
+        try:
+            report[name] = measure_stage(stage, args.size, device, warmup, steps, peak, overrides, deadline)
+        except torch.OutOfMemoryError as err:
+            report[name] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
+        print(f"{name}: {json.dumps(report[name])}", file=sys.stderr, flush=True)
+    report["decode"] = measure_decode(args.size, device, 8 if args.size == "tiny" else args.new_tokens,
+                                      1 if args.size == "tiny" else 3)
+    report["wall_s"] = time.perf_counter() - started
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="gpu-bench.json", help="JSON file to write (default gpu-bench.json)")
+    parser.add_argument("--size", choices=tuple(PRESETS), default="full")
+    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per stage (default 6)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens to decode (default 128)")
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's bf16 dense peak, if its name is not known")
+    parser.add_argument("--budget-s", type=float, default=360.0,
+                        help="stop timing a stage's steps once this much time has passed (default 360)")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is present")
+    args = parser.parse_args(argv)
+    report = run(args)
+    text = json.dumps(report, ensure_ascii=False, indent=1)
+    Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
