@@ -14,7 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("llava_jp.train.loop", "train one stage from a YAML config (--key value overrides any field)"),
     "quickstart": ("llava_jp.quickstart", "the whole pipeline on a tiny model and synthetic data, on CPU"),
     "data": ("data_ja.cli", "Japanese training data: convert, translate, check, mix"),
-    "eval": ("llava_jp.eval.runner", "score a model on JA-VG-VQA-500, JA-VLM-Bench-In-the-Wild and Heron-Bench"),
+    "eval": ("llava_jp.eval.runner", "score a model on the Japanese VLM benchmarks (llm-jp-eval-mm metrics) or on your own held-out set"),
     "infer": ("llava_jp.infer.batch", "answer a JSONL file of image questions in batches (resumable)"),
     "serve": ("llava_jp.infer.serve", "serve a released model with vLLM's OpenAI-compatible server (vLLM installed separately)"),
     "chat": ("llava_jp.infer.chat_cli", "chat about an image in the terminal (Japanese, streamed, multi-turn)"),
