@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.request
 
 _RULES = ("Copy every placeholder such as ⟦0⟧ unchanged, keep the same line breaks, "
           "and keep every number in digits.")
@@ -21,27 +20,30 @@ _CODE_FENCE = re.compile(r"^```(?:json)?\s*|\s*```$")
 
 
 class OpenAIChatBackend:
-    """POST {api_base}/chat/completions; with batch_size > 1, several texts share a request
-    as a JSON array, falling back to one request per text when the reply is not such an array."""
+    """{api_base}/chat/completions through the `openai` client; with batch_size > 1, several
+    texts share a request as a JSON array, falling back to one request per text when the reply
+    is not such an array. The client does not retry: `translate.py` retries a failed request and
+    a rejected translation under one budget (`--retries`)."""
 
     def __init__(self, api_base: str, model: str, api_key: str | None = None,
                  batch_size: int = 1, timeout: float = 120.0, temperature: float = 0.0):
-        self.url = api_base.rstrip("/") + "/chat/completions"
-        self.model, self.api_key = model, api_key
-        self.batch_size, self.timeout, self.temperature = batch_size, timeout, temperature
+        import openai
+
+        # A local server needs no key, but the library refuses to start without one.
+        self.client = openai.OpenAI(base_url=api_base.rstrip("/"), api_key=api_key or "no-key",
+                                    timeout=timeout, max_retries=0)
+        self.model, self.batch_size, self.temperature = model, batch_size, temperature
         self.name = f"openai:{model}"
 
     def _chat(self, system: str, user: str, attempt: int) -> str:
-        body = {"model": self.model,
-                "temperature": self.temperature if attempt == 0 else max(self.temperature, 0.3),
-                "messages": [{"role": "system", "content": system},
-                             {"role": "user", "content": user}]}
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, json.dumps(body).encode("utf-8"), headers)
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            return json.load(response)["choices"][0]["message"]["content"]
+        reply = self.client.chat.completions.create(
+            model=self.model,
+            temperature=self.temperature if attempt == 0 else max(self.temperature, 0.3),
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": user}])
+        content = reply.choices[0].message.content
+        if not isinstance(content, str):
+            raise TypeError(f"reply content is {type(content).__name__}, not text")
+        return content
 
     def translate(self, texts: list[str], attempt: int) -> list[str]:
         if len(texts) == 1:

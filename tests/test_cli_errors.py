@@ -55,7 +55,7 @@ def _cases(d: Path, tiny_dir: Path) -> list[tuple[list[str], str]]:
         (["data", "convert", str(d / "nope.jsonl"), "--out", str(d / "o.json")], "no such file"),
         (["data", "mix", str(d / "bad.yaml"), "--out", str(d / "o.json")], "bad.yaml:3:1: malformed YAML"),
         (["eval", "--model", missing, "--out", str(d / "eval")], "no such file or folder"),
-        (["eval", "--model", str(tiny_dir), "--out", str(d / "eval"), "--tasks", "ja-vg-vqa"], "--tasks"),
+        (["eval", "--model", str(tiny_dir), "--out", str(d / "eval"), "--tasks", "ja-vg-vqa"], "unknown task"),
         (["chat", "--model", missing], "missing"),
         (["demo", "--model", missing], "missing"),
         (["release", "--model", missing, "--out", str(d / "rel")], "--model"),
@@ -64,6 +64,8 @@ def _cases(d: Path, tiny_dir: Path) -> list[tuple[list[str], str]]:
         (["cache-features", "--model", "tiny", "--data_path", str(d / "bad.json"), "--out", str(d / "c")],
          "malformed JSON"),
         (["bench", "--bogus"], "--bogus"),
+        (["infer", "--bogus"], "error"),
+        (["serve", "--bogus"], "error"),
         (["init", "--preset", "tinny", "--out", str(d / "base")], "did you mean tiny"),
         (["init", "--preset", "tiny", "--out", str(d / "a_file")], "--out"),
         (["plot", missing], "no such folder"),
@@ -83,7 +85,7 @@ def test_user_mistakes_are_one_line_and_exit_2(bad, tiny_dir, capsys):
         try:
             code = cli_main(argv)
         except SystemExit as exit_:  # only --help may exit; anything else is a failure below
-            code = f"SystemExit({exit_.code})"
+            code = exit_.code if exit_.code == 2 else f"SystemExit({exit_.code})"  # eval's own usage errors
         captured = capsys.readouterr()
         lines = [line for line in captured.err.splitlines() if line.strip()]
         if code != 2 or len(lines) != 1 or expected not in lines[0] or "Traceback" in captured.err:

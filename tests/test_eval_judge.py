@@ -175,5 +175,6 @@ def test_from_env(monkeypatch):
     monkeypatch.setenv("LLAVA_JP_JUDGE_BASE_URL", "http://judge.local/v1/")
     monkeypatch.setenv("LLAVA_JP_JUDGE_MODEL", "judge-x")
     judge = JudgeClient.from_env()
-    assert (judge.url, judge.model, judge.api_key) == ("http://judge.local/v1/chat/completions", "judge-x", "sk-env")
+    assert (judge.base_url, judge.model) == ("http://judge.local/v1", "judge-x")
+    assert judge._client.api_key == "sk-env"
     assert JudgeClient.from_env(model="other").model == "other"

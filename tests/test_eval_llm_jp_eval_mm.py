@@ -60,9 +60,33 @@ def test_no_image_is_a_text_only_question(images):
     assert recorder.calls[0][0] == [None]
 
 
-def test_several_images_are_refused():
-    with pytest.raises(ValueError, match="2 images; llava-jp models take at most one"):
-        VLM("m", answer_fn=Recorder()).generate([tiny_image("red"), tiny_image("blue")], "q")
+def test_several_images_are_shown_side_by_side():
+    recorder = Recorder()
+    VLM("m", answer_fn=recorder).generate([tiny_image("red"), tiny_image("blue", size=8)], "q")
+    (image,) = recorder.calls[0][0]
+    assert image.size == (32, 16)  # the 8 px image scaled to the common height
+    assert image.getpixel((0, 0)) == (255, 0, 0) and image.getpixel((31, 15)) == (0, 0, 255)
+
+
+def test_serve_answers_json_lines(tmp_path, monkeypatch):
+    import io
+    import json
+
+    from llava_jp.eval import llm_jp_eval_mm
+
+    tiny_image("red").save(tmp_path / "r.png")
+    requests = io.StringIO(
+        json.dumps({"images": [str(tmp_path / "r.png")], "text": "<image>何色？", "gen_kwargs": {"max_new_tokens": 3}})
+        + "\n" + json.dumps({"images": [str(tmp_path / "missing.png")], "text": "q"}) + "\n"
+    )
+    replies = io.StringIO()
+    recorder = Recorder()
+    monkeypatch.setattr(llm_jp_eval_mm.VLM, "_load", staticmethod(lambda model_id, device: recorder))
+    llm_jp_eval_mm.serve("m", requests, replies)
+    lines = [json.loads(line) for line in replies.getvalue().splitlines()]
+    assert lines[0] == {"ready": "m"}
+    assert lines[1] == {"text": "何色？:(255, 0, 0)"} and recorder.calls[0][2] == {"max_new_tokens": 3}
+    assert "missing.png" in lines[2]["error"]
 
 
 def test_real_tiny_model_through_the_adapter(tiny_dir):

@@ -6,7 +6,8 @@ import json
 import pytest
 from PIL import Image
 
-from llava_jp.eval import TASKS, JudgeClient, load_task, rouge_l, run_eval, runner
+from llava_jp.eval import JudgeClient, load_task, rouge_l, run_eval, runner
+from llava_jp.eval.tasks import DEFAULT_TASKS
 from tests.fakes.eval_data import StandInJudge, write_tiny_benchmarks
 
 # Fixed answers by question: some match the reference, some overlap, some miss.
@@ -54,7 +55,7 @@ def test_full_run_writes_scores_table_and_chart(tmp_path, sources):
     out = tmp_path / "out"
     with StandInJudge() as judge:
         scores = run_eval(
-            list(TASKS), Generator(), out, judge_client(judge, out), batch_size=2,
+            list(DEFAULT_TASKS), Generator(), out, judge_client(judge, out), batch_size=2,
             model_name="tiny", sources=sources, progress=False,
         )
         assert judge.request_count == 6
@@ -88,18 +89,18 @@ def test_interrupted_run_resumes_without_regenerating_or_rejudging(tmp_path, sou
     with StandInJudge() as judge:
         interrupted = Generator(fail_on=2)
         with pytest.raises(KeyboardInterrupt):
-            run_eval(list(TASKS), interrupted, out, judge_client(judge, out), batch_size=2,
+            run_eval(list(DEFAULT_TASKS), interrupted, out, judge_client(judge, out), batch_size=2,
                      sources=sources, progress=False)
         assert len(interrupted.questions) == 2  # the first batch was saved before the crash
 
         resumed = Generator()
-        first = run_eval(list(TASKS), resumed, out, judge_client(judge, out), batch_size=2,
+        first = run_eval(list(DEFAULT_TASKS), resumed, out, judge_client(judge, out), batch_size=2,
                          sources=sources, progress=False)
         assert len(resumed.questions) == total - 2
         assert judge.request_count == 6
 
         again = Generator()
-        second = run_eval(list(TASKS), again, out, judge_client(judge, out), batch_size=2,
+        second = run_eval(list(DEFAULT_TASKS), again, out, judge_client(judge, out), batch_size=2,
                           sources=sources, progress=False)
         assert again.calls == 0
         assert judge.request_count == 6
@@ -163,5 +164,6 @@ def test_cli_arguments_drive_run_eval(tmp_path, sources, monkeypatch, capsys):
     assert scores["model"] == "my-model"
     assert set(scores["tasks"]) == {"ja-vlm-bench-in-the-wild", "heron-bench"}
     assert "| **my-model** |" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="TASK=SOURCE"):
+    with pytest.raises(SystemExit) as exit_info:
         runner.main_eval(parser.parse_args(["--model", "m", "--out", str(tmp_path), "--data", "nope"]))
+    assert exit_info.value.code == 2 and "TASK=SOURCE" in capsys.readouterr().err

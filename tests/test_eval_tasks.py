@@ -32,6 +32,9 @@ def test_registry_names_hub_ids_and_metrics():
         "ja-vg-vqa-500": ("SakanaAI/JA-VG-VQA-500", "test", "rouge-l"),
         "ja-vlm-bench-in-the-wild": ("SakanaAI/JA-VLM-Bench-In-the-Wild", "test", "rouge-l"),
         "heron-bench": ("turing-motors/Japanese-Heron-Bench", "train", "heron-bench"),
+        "jmmmu": ("JMMMU/JMMMU", "test", "jmmmu"),
+        "jdocqa": ("speed/JDocQA", "test", "jdocqa"),
+        "mecha-ja": ("llm-jp/MECHA-ja", "test", "mecha-ja"),
     }
 
 

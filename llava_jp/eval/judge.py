@@ -1,10 +1,12 @@
 """LLM judges: Heron-Bench (1-10, relative to GPT-4's answer) and llm-jp-eval-mm's 1-5 judge.
 
-The judge is any OpenAI-compatible ``/chat/completions`` endpoint. Plain ``urllib`` — one POST
-per judgment needs no extra dependency. Every parseable reply is cached on disk (JSONL, keyed by
-a SHA-256 of the request), so a re-run asks the judge nothing it has already answered. Timeouts,
-HTTP errors and replies without a score are retried; a judgment that still fails is counted as
-unparseable and left out of the means — never scored 0 silently.
+The judge is any OpenAI-compatible ``/chat/completions`` endpoint, reached through the ``openai``
+client library (HTTP, auth, timeouts, typed errors). Every parseable reply is cached on disk
+(JSONL, keyed by a SHA-256 of the request), so a re-run asks the judge nothing it has already
+answered. Timeouts, retryable HTTP errors and replies without a score share one retry budget
+(``max_attempts`` requests per judgment, counted); the library's own retries are off so a reply
+without a score is re-asked under the same budget as a 500. A judgment that still fails is
+counted as unparseable and left out of the means — never scored 0 silently.
 
 Prompt styles for Heron-Bench:
 
@@ -24,14 +26,13 @@ import os
 import re
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openai
 
 from llava_jp.eval._jsonl import append_records, read_records
 from llava_jp.eval.tasks import HERON_CATEGORIES, Sample
@@ -151,10 +152,13 @@ class JudgeClient:
     ):
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base_url = base_url.rstrip("/")
         self.model = model
-        self.api_key = api_key
         self.timeout = timeout
+        # A local server needs no key, but the library refuses to start without one.
+        self._client = openai.OpenAI(
+            base_url=self.base_url, api_key=api_key or "no-key", timeout=timeout, max_retries=0
+        )
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self.workers = workers
@@ -190,17 +194,10 @@ class JudgeClient:
         ).hexdigest()
 
     def _post(self, payload: dict) -> str:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(
-            self.url, json.dumps(payload).encode("utf-8"), headers, method="POST"
-        )
         with self._lock:
             self.requests_sent += 1
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            body = json.loads(response.read().decode("utf-8"))
-        content = body["choices"][0]["message"]["content"]
+        body = self._client.chat.completions.create(**payload)
+        content = body.choices[0].message.content
         if not isinstance(content, str):
             raise TypeError(f"reply content is {type(content).__name__}, not text")
         return content
@@ -238,13 +235,13 @@ class JudgeClient:
         for attempt in range(1, self.max_attempts + 1):
             try:
                 reply = self._post(payload)
-            except urllib.error.HTTPError as err:
-                error = f"HTTP {err.code}"
-                if err.code not in _RETRYABLE_HTTP:
+            except openai.APIStatusError as err:
+                error = f"HTTP {err.status_code}"
+                if err.status_code not in _RETRYABLE_HTTP:
                     return Judgment(None, None, attempt, error)
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                error = f"request failed: {err}"
-            except (ValueError, KeyError, IndexError, TypeError) as err:
+            except openai.APIConnectionError as err:  # includes APITimeoutError
+                error = f"request failed: {type(err).__name__}: {err}"
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
                 error = f"malformed response: {err}"
             else:
                 value = parse(reply)

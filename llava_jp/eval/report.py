@@ -49,7 +49,10 @@ def _cell(value: float | None) -> str:
 
 
 def markdown_table(scores: dict) -> str:
-    """Our model's row in bold above the published rows, one column per benchmark."""
+    """Our model's row in bold above the published rows, one column per benchmark (when one of
+    them ran), then every task with its judge column, then own data per question type."""
+    if not any(task in BENCHMARKS for task in scores.get("tasks", {})):
+        return all_tasks_table(scores).lstrip("\n") + own_data_tables(scores)
     ours = headline(scores)
     header = "| model | params | " + " | ".join(BENCHMARKS.values()) + " |"
     lines = [header, "|" + "---|" * (len(BENCHMARKS) + 2)]
@@ -76,7 +79,72 @@ def markdown_table(scores: dict) -> str:
             f"Our Heron-Bench judge: {heron['judge_model']} ({heron.get('style')} prompt), "
             f"{heron.get('unparseable', 0)} unparseable judgment(s) excluded."
         )
-    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    return (
+        "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+        + all_tasks_table(scores) + own_data_tables(scores)
+    )
+
+
+_METRIC_LABELS = {
+    "rouge-l": "ROUGE-L",
+    "heron-bench": "Heron-Bench rel.",
+    "jmmmu": "accuracy (0-1)",
+    "jdocqa": "JDocQA score (0-1)",
+    "mecha-ja": "accuracy (0-1)",
+    "own": "ROUGE-L",
+}
+
+
+def _generation(result: dict) -> str:
+    g = result.get("generation")
+    if not g:
+        return ""
+    mode = "sampling" if g.get("do_sample") else "greedy"
+    return f"{mode}, max_new_tokens {g.get('max_new_tokens')}"
+
+
+def all_tasks_table(scores: dict) -> str:
+    """Every task's headline next to the LLM judge (1-5) the llm-jp-eval-mm leaderboard shows,
+    with the generation settings that produced the answers."""
+    tasks = scores.get("tasks", {})
+    if not tasks:
+        return ""
+    lines = [
+        "\n| task | metric | score | LLM judge (1-5) | generation |",
+        "|---|---|---|---|---|",
+    ]
+    for name, result in tasks.items():
+        label = _METRIC_LABELS.get(result.get("metric"), result.get("metric", ""))
+        if result.get("metric") == "heron-bench" and result.get("style"):
+            label += f" ({result['style']} prompt)"
+        judge = result.get("llm_judge", {}).get("score")
+        lines.append(
+            f"| {name} | {label} | {_cell(result.get('score'))} | {_cell(judge)} | {_generation(result)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def own_data_tables(scores: dict) -> str:
+    """Per question type: exact match, ROUGE-L and (if judged) the 1-5 judge, for own data."""
+    parts = []
+    for name, result in scores.get("tasks", {}).items():
+        by_type = result.get("by_type")
+        if result.get("metric") != "own" or not by_type:
+            continue
+        judged = "llm_judge" in by_type
+        header = "| type | samples | exact match | ROUGE-L |" + (" LLM judge (1-5) |" if judged else "")
+        title = (f"\n{name}: exact match {_cell(result.get('exact_match'))}, "
+                 f"ROUGE-L {_cell(result.get('score'))}\n")
+        lines = [title, header,
+                 "|---|---|---|---|" + ("---|" if judged else "")]
+        for kind, rouge in by_type["rouge_l"].items():
+            row = (f"| {kind} | {rouge['samples']} | {_cell(by_type['exact_match'][kind]['mean'])} "
+                   f"| {_cell(rouge['mean'])} |")
+            if judged:
+                row += f" {_cell(by_type['llm_judge'].get(kind, {}).get('mean'))} |"
+            lines.append(row)
+        parts.append("\n".join(lines) + "\n")
+    return "".join(parts)
 
 
 def radar_chart(scores: dict, path: str | Path) -> Path:
@@ -120,8 +188,7 @@ def write_report(scores: dict, out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     table = out_dir / "results.md"
     table.write_text(markdown_table(scores), encoding="utf-8")
-    return {
-        "scores": write_scores_json(scores, out_dir),
-        "table": table,
-        "radar": radar_chart(scores, out_dir / "radar.png"),
-    }
+    written = {"scores": write_scores_json(scores, out_dir), "table": table}
+    if any(task in BENCHMARKS for task in scores.get("tasks", {})):  # nothing to compare otherwise
+        written["radar"] = radar_chart(scores, out_dir / "radar.png")
+    return written

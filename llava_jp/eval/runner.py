@@ -24,13 +24,13 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from llava_jp.errors import UserError, closest
+from llava_jp.eval import harness_metrics as hm
 from llava_jp.eval._jsonl import append_records, read_records
 from llava_jp.eval.fingerprint import OtherModelsOutput, claim_out_dir, model_fingerprint
 from llava_jp.eval.judge import HERON_STYLES, JudgeClient, Judgment, judge_heron, judge_one_to_five
 from llava_jp.eval.report import write_report
 from llava_jp.eval.rouge import PROTOCOLS, aggregate_rouge_l, rouge_l_scores
-from llava_jp.eval.tasks import TASKS, EvalTask, load_task
+from llava_jp.eval.tasks import DEFAULT_TASKS, TASKS, EvalTask, load_own_data, load_task
 
 GenerateFn = Callable[[list[Image.Image], list[str]], list[str]]
 logger = logging.getLogger(__name__)
@@ -81,6 +81,28 @@ def _judgment_fields(prefix: str, judgment: Judgment) -> dict:
     }
 
 
+def _harness_scores(task: EvalTask, predictions: Sequence[str]) -> tuple[list, dict]:
+    """Per-sample scores and the summary of a task scored with llm-jp-eval-mm's own metric."""
+    samples = task.samples
+    if task.metric == "jmmmu":
+        per_sample = [hm.jmmmu_score(s.fields, p) for s, p in zip(samples, predictions)]
+        return per_sample, hm.jmmmu_aggregate([s.fields["id"] for s in samples], per_sample)
+    if task.metric == "jdocqa":
+        per_sample = [hm.jdocqa_score(s.fields, s.reference, p) for s, p in zip(samples, predictions)]
+        return per_sample, hm.jdocqa_aggregate([s.fields["answer_type"] for s in samples], per_sample)
+    per_sample = [hm.mecha_score(s.reference, p) for s, p in zip(samples, predictions)]
+    return per_sample, hm.mecha_aggregate([s.fields for s in samples], per_sample)
+
+
+def _by_type(samples, values: Sequence[float | None]) -> dict:
+    """Mean of ``values`` per question type (``Sample.category``), None values left out."""
+    groups: dict[str, list[float]] = {}
+    for sample, value in zip(samples, values):
+        if value is not None:
+            groups.setdefault(sample.category or "(none)", []).append(value)
+    return {k: {"mean": sum(v) / len(v), "samples": len(v)} for k, v in sorted(groups.items())}
+
+
 def score_task(
     task: EvalTask,
     predictions: Sequence[str],
@@ -89,31 +111,56 @@ def score_task(
     heron_style: str = "heron",
     llm_judge_rouge: bool = False,
 ) -> tuple[dict, list[dict]]:
-    """(summary, per-sample details) for one task's predictions."""
+    """(summary, per-sample details) for one task's predictions.
+
+    ``llm_judge_rouge`` adds llm-jp-eval-mm's 1-5 judge where the leaderboard shows it
+    (JA-VG-VQA-500, JA-VLM-Bench-In-the-Wild, JDocQA) and to own data.
+    """
     details = [{"id": s.id, "prediction": p} for s, p in zip(task.samples, predictions)]
-    if task.metric == "rouge-l":
-        per_sample = rouge_l_scores([s.reference for s in task.samples], predictions, protocol)
+    if task.metric == "heron-bench":
+        if judge is None:
+            return {"metric": "heron-bench", "score": None, "note": "not scored: no judge configured"}, details
+        summary, judgments = judge_heron(judge, task.samples, predictions, heron_style)
+        for row, sample, judgment in zip(details, task.samples, judgments):
+            row["category"] = sample.category
+            row.update(_judgment_fields("judge_scores", judgment))
+        return {"metric": "heron-bench", "samples": len(task.samples), **summary}, details
+
+    references = [s.reference for s in task.samples]
+    if task.metric in ("rouge-l", "own"):
+        per_sample = rouge_l_scores(references, predictions, protocol)
         summary = {
-            "metric": "rouge-l",
+            "metric": task.metric,
             "protocol": protocol,
             "score": aggregate_rouge_l(per_sample, protocol),
             "samples": len(per_sample),
         }
         for row, value in zip(details, per_sample):
             row["rouge_l"] = value
-        if llm_judge_rouge and judge is not None:
-            summary["llm_judge"], judgments = judge_one_to_five(judge, task.samples, predictions)
-            for row, judgment in zip(details, judgments):
-                row.update(_judgment_fields("llm_judge", judgment))
-        return summary, details
+        if task.metric == "own":
+            exact = [float(r.strip() == p.strip()) for r, p in zip(references, predictions)]
+            summary["exact_match"] = 100.0 * sum(exact) / len(exact) if exact else None
+            for row, sample, value in zip(details, task.samples, exact):
+                row["exact_match"], row["type"] = value, sample.category
+    else:
+        per_sample, harness = _harness_scores(task, predictions)
+        summary = {"metric": task.metric, **harness, "samples": len(per_sample)}
+        for row, value in zip(details, per_sample):
+            row["score"] = value
 
-    if judge is None:
-        return {"metric": "heron-bench", "score": None, "note": "not scored: no judge configured"}, details
-    summary, judgments = judge_heron(judge, task.samples, predictions, heron_style)
-    for row, sample, judgment in zip(details, task.samples, judgments):
-        row["category"] = sample.category
-        row.update(_judgment_fields("judge_scores", judgment))
-    return {"metric": "heron-bench", "samples": len(task.samples), **summary}, details
+    judged = task.metric in ("rouge-l", "own", "jdocqa")
+    if llm_judge_rouge and judge is not None and judged:
+        summary["llm_judge"], judgments = judge_one_to_five(judge, task.samples, predictions)
+        for row, judgment in zip(details, judgments):
+            row.update(_judgment_fields("llm_judge", judgment))
+    if task.metric == "own":
+        summary["by_type"] = {
+            "rouge_l": _by_type(task.samples, [d["rouge_l"] for d in details]),
+            "exact_match": _by_type(task.samples, [100.0 * d["exact_match"] for d in details]),
+        }
+        if "llm_judge" in summary:
+            summary["by_type"]["llm_judge"] = _by_type(task.samples, [d.get("llm_judge") for d in details])
+    return summary, details
 
 
 def _write_details(path: Path, details: list[dict]) -> None:
@@ -137,6 +184,7 @@ def run_eval(
     heron_style: str = "heron",
     llm_judge_rouge: bool = False,
     progress: bool = True,
+    generation: dict | None = None,
     fingerprint: dict | None = None,
 ) -> dict:
     """Generate, score and report every task; returns the ``scores.json`` content.
@@ -144,6 +192,7 @@ def run_eval(
     ``tasks`` are names (loaded from ``sources[name]`` or the hub) or loaded :class:`EvalTask`s.
     ``generate_fn(images, questions) -> answers`` is called once per batch of ``batch_size``.
     Heron-Bench is scored only with a ``judge``; without one its predictions are still written.
+    ``generation`` (the settings behind ``generate_fn``) is stated in every task's result.
     ``fingerprint`` (``eval.fingerprint.model_fingerprint``) is recorded in ``out_dir``; a folder
     that holds another model's outputs is refused (``OtherModelsOutput``).
     """
@@ -165,6 +214,8 @@ def run_eval(
             task, generate_fn, out_dir / "predictions" / f"{task.name}.jsonl", batch_size, progress
         )
         summary, details = score_task(task, predictions, protocol, judge, heron_style, llm_judge_rouge)
+        if generation is not None:
+            summary["generation"] = dict(generation)
         _write_details(out_dir / "details" / f"{task.name}.jsonl", details)
         scores["tasks"][task.name] = summary
     write_report(scores, out_dir)
@@ -174,16 +225,27 @@ def run_eval(
 # ---- command line -------------------------------------------------------------------------
 
 
-def _parse_sources(pairs: Sequence[str]) -> dict[str, str]:
-    sources = {}
+def _usage_error(message: str) -> None:
+    """A user mistake: one line naming the flag or file, exit status 2, no traceback."""
+    print(f"llava-jp eval: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _parse_sources(pairs: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """``--data`` values: (TASK=SOURCE overrides, own-data JSON files)."""
+    sources, own = {}, []
     for pair in pairs:
         name, sep, source = pair.partition("=")
-        if not sep or name not in TASKS:
-            raise UserError(
-                f"--data expects TASK=SOURCE with TASK one of {sorted(TASKS)}, got {pair!r}"
+        if not sep and pair.endswith(".json"):
+            own.append(pair)
+        elif not sep or name not in TASKS:
+            _usage_error(
+                f"--data expects TASK=SOURCE with TASK one of {sorted(TASKS)}, or a LLaVA-format "
+                f".json file of your own, got {pair!r}"
             )
-        sources[name] = source
-    return sources
+        else:
+            sources[name] = source
+    return sources, own
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -191,17 +253,21 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--model", required=True, help="model folder or hub id to evaluate")
     parser.add_argument(
         "--tasks",
-        default=",".join(TASKS),
-        help=f"comma-separated tasks (default: all of {', '.join(TASKS)})",
+        default=None,
+        help=f"comma-separated, from {', '.join(TASKS)} (default: {', '.join(DEFAULT_TASKS)}; "
+        "none when --data names your own .json file)",
     )
     parser.add_argument("--out", required=True, help="output folder (re-use it to resume)")
     parser.add_argument(
         "--data",
         action="append",
         default=[],
-        metavar="TASK=SOURCE",
-        help="load TASK from a local parquet file/folder or another hub id (repeatable)",
+        metavar="TASK=SOURCE|FILE.json",
+        help="load TASK from a local parquet file/folder or another hub id, or evaluate on your "
+        "own LLaVA-format .json (exact match, ROUGE-L, optional judge) (repeatable)",
     )
+    parser.add_argument("--image-folder", default=None,
+                        help="where the images of your own .json live (default: its folder)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
@@ -220,7 +286,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     judge.add_argument(
         "--llm-judge-rouge",
         action="store_true",
-        help="also score the ROUGE-L tasks with llm-jp-eval-mm's 1-5 LLM judge",
+        help="also score JA-VG-VQA-500, JA-VLM-Bench-In-the-Wild, JDocQA and own data with "
+        "llm-jp-eval-mm's 1-5 LLM judge (the leaderboard's headline for the first two)",
     )
     return parser
 
@@ -253,12 +320,19 @@ def model_generate_fn(model_path: str, max_new_tokens: int = 256, device: str | 
 
 def main_eval(args: argparse.Namespace) -> dict:
     """Run ``llava-jp eval`` from parsed :func:`add_eval_arguments` arguments."""
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    sources, own_files = _parse_sources(args.data)
+    if args.tasks is None:
+        tasks: list = [] if own_files else list(DEFAULT_TASKS)
+    else:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise UserError(f"--tasks: unknown task(s) {unknown}; choose from {sorted(TASKS)}"
-                        + closest(unknown[0], TASKS))
-    sources = _parse_sources(args.data)
+        _usage_error(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}")
+    for path in own_files:
+        try:
+            tasks.append(load_own_data(path, args.image_folder, args.limit))
+        except (OSError, ValueError) as err:
+            _usage_error(f"--data {path}: {err}")
     out_dir = Path(args.out)
     judge = JudgeClient.from_env(
         args.judge_base_url,
@@ -288,6 +362,8 @@ def main_eval(args: argparse.Namespace) -> dict:
         limit=args.limit,
         heron_style=args.heron_judge_style,
         llm_judge_rouge=args.llm_judge_rouge,
+        generation={"max_new_tokens": args.max_new_tokens, "do_sample": False, "num_beams": 1,
+                    "temperature": 0.0, "batch_size": args.batch_size},
         fingerprint=fingerprint,
     )
     print((out_dir / "results.md").read_text(encoding="utf-8"))

@@ -205,13 +205,106 @@ def write_heron_files(root: Path) -> Path:
     return root
 
 
+# ---- llm-jp-eval-mm's further tasks (hub schemas as published; the harness's tasks read them) --
+
+
+def _jmmmu_features():
+    from datasets import Features, Value
+    from datasets import Image as ImageFeature
+
+    columns = {"id": Value("string"), "question": Value("string"), "options": Value("string"),
+               "explanation": Value("string")}
+    columns.update({f"image_{i}": ImageFeature() for i in range(1, 8)})
+    columns.update({k: Value("string") for k in
+                    ("img_type", "answer", "topic_difficulty", "question_type", "subfield")})
+    return Features(columns)
+
+
+JMMMU_ROWS = {
+    "Accounting": [
+        ("test_Accounting_1", "<image 1>の色は何ですか？", "['赤', '青', '緑', '黄']", "A",
+         "multiple-choice", ["red"]),
+        ("test_Accounting_2", "<image 1>と<image 2>の合計は何円ですか？", "[]", "300",
+         "open", ["blue", "green"]),
+    ],
+    "Math": [
+        ("test_Math_1", "<image 1>の図形はどれですか？", "['円', '三角形', '四角形']", "C",
+         "multiple-choice", ["yellow"]),
+    ],
+}
+
+
+def write_jmmmu(folder: Path) -> Path:
+    """JMMMU: one config per subject, ``<subject>/test-00000-of-00001.parquet`` (3 questions,
+    one of them with two images)."""
+    for subject, rows in JMMMU_ROWS.items():
+        table = {k: [] for k in _jmmmu_features()}
+        for sample_id, question, options, answer, kind, colors in rows:
+            images = [tiny_image(c) for c in colors] + [None] * (7 - len(colors))
+            values = {"id": sample_id, "question": question, "options": options, "explanation": "",
+                      "img_type": "['Diagrams']", "answer": answer, "topic_difficulty": "Easy",
+                      "question_type": kind, "subfield": subject}
+            values.update({f"image_{i}": images[i - 1] for i in range(1, 8)})
+            for key in table:
+                table[key].append(values[key])
+        _write_table(table, _jmmmu_features(), folder / subject / "test-00000-of-00001.parquet")
+    return folder
+
+
+def write_jdocqa(path: Path) -> Path:
+    """``speed/JDocQA``: one question of each answer type; the factoid one has two pages."""
+    from datasets import ClassLabel, Features, Value
+    from datasets import Image as ImageFeature
+
+    features = Features({
+        "question_id": Value("int64"), "question": Value("string"), "answer": Value("string"),
+        "answer_type": ClassLabel(names=["yes/no", "factoid", "numerical", "open-ended"]),
+        **{f"image_{i}": ImageFeature() for i in range(4)},
+    })
+    rows = {
+        "question_id": [10, 11, 12, 13],
+        "question": ["この資料は公開されていますか？", "表の題名は何ですか？", "参加者は何人ですか？",
+                     "この資料の目的を説明してください。"],
+        "answer": ["はい", "年間予算", "120人", "地域の交通安全を高めることが目的です。"],
+        "answer_type": [0, 1, 2, 3],
+        "image_0": [tiny_image(c) for c in ("red", "blue", "green", "yellow")],
+        "image_1": [None, tiny_image("red"), None, None],
+        "image_2": [None] * 4,
+        "image_3": [None] * 4,
+    }
+    return _write_table(rows, features, path)
+
+
+def write_mecha_ja(path: Path) -> Path:
+    """``llm-jp/MECHA-ja``: three questions, Factoid and Non-Factoid, with and without background."""
+    from datasets import Features, List, Value
+    from datasets import Image as ImageFeature
+
+    features = Features({
+        "question": Value("string"), "options": List(Value("string")), "answer": Value("int64"),
+        "answer_type": Value("int64"), "image": ImageFeature(), "background_text": Value("string"),
+    })
+    rows = {
+        "question": ["この動物は何ですか？", "なぜ人々は集まっていますか？", "信号は何色ですか？"],
+        "options": [["猫", "犬", "鳥", "魚"], ["祭り", "事故", "雨宿り", "工事"], ["赤", "青", "黄", "白"]],
+        "answer": [1, 0, 3],
+        "answer_type": [0, 1, 0],
+        "image": [tiny_image(c) for c in ("red", "blue", "green")],
+        "background_text": ["", "毎年夏に行われる行事です。", ""],
+    }
+    return _write_table(rows, features, path)
+
+
 def write_tiny_benchmarks(root: Path) -> dict[str, str]:
-    """All three benchmarks under ``root``; returns task -> source for ``run_eval(sources=...)``."""
+    """Every task under ``root``; returns task -> source for ``run_eval(sources=...)``."""
     root = Path(root)
     return {
         "ja-vg-vqa-500": str(write_ja_vg_vqa(root / "ja-vg-vqa-500" / "test-00000-of-00001.parquet")),
         "ja-vlm-bench-in-the-wild": str(write_ja_vlm_wild(root / "ja-vlm-bench-in-the-wild.parquet")),
         "heron-bench": str(write_heron_files(root / "heron-bench")),
+        "jmmmu": str(write_jmmmu(root / "jmmmu")),
+        "jdocqa": str(write_jdocqa(root / "jdocqa" / "test-00000-of-00001.parquet")),
+        "mecha-ja": str(write_mecha_ja(root / "mecha-ja" / "data" / "test-00000-of-00001.parquet")),
     }
 
 
