@@ -25,7 +25,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+
+from llava_jp.errors import UserError, read_yaml
 
 from .records import JsonListWriter, load_records, write_json
 
@@ -47,7 +48,7 @@ def _positive(value, field: str, maximum: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 \
             or (maximum is not None and value > maximum):
         limit = f" and at most {maximum}" if maximum is not None else ""
-        raise ValueError(f"{field} must be a positive number{limit}, got {value!r}")
+        raise UserError(f"{field} must be a positive number{limit}, got {value!r}")
     return value
 
 
@@ -55,26 +56,26 @@ def parse_config(config: dict, base_dir: Path = Path(".")) -> list[Source]:
     """Validates the YAML mapping; errors name the offending field."""
     if not isinstance(config, dict) or not isinstance(config.get("sources"), list) \
             or not config["sources"]:
-        raise ValueError("config needs a non-empty list 'sources'")
+        raise UserError("config needs a non-empty list 'sources'")
     default_seed = config.get("seed", 0)
     if not isinstance(default_seed, int):
-        raise ValueError(f"seed must be an integer, got {default_seed!r}")
+        raise UserError(f"seed must be an integer, got {default_seed!r}")
     unknown = set(config) - {"seed", "sources"}
     if unknown:
-        raise ValueError(f"unknown top-level key(s): {sorted(unknown)}")
+        raise UserError(f"unknown top-level key(s): {sorted(unknown)}")
     sources, names = [], set()
     for i, entry in enumerate(config["sources"]):
         where = f"sources[{i}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            raise ValueError(f"{where}.path is required (a file or hub dataset id)")
+            raise UserError(f"{where}.path is required (a file or hub dataset id)")
         unknown = set(entry) - {"path", "name", "sample", "seed", "image_prefix", "split", *_MODES}
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}")
+            raise UserError(f"{where}: unknown key(s) {sorted(unknown)}")
         modes = [m for m in _MODES if m in entry]
         if len(modes) > 1 or (modes and "sample" in entry):
-            raise ValueError(f"{where}: give only one of sample/first/random/percent")
+            raise UserError(f"{where}: give only one of sample/first/random/percent")
         if "sample" in entry and entry["sample"] != "all":
-            raise ValueError(f"{where}.sample: only 'all' is allowed, got {entry['sample']!r}")
+            raise UserError(f"{where}.sample: only 'all' is allowed, got {entry['sample']!r}")
         mode = modes[0] if modes else "all"
         amount = None
         if mode == "percent":
@@ -82,15 +83,15 @@ def parse_config(config: dict, base_dir: Path = Path(".")) -> list[Source]:
         elif mode != "all":
             amount = entry[mode]
             if not isinstance(amount, int):
-                raise ValueError(f"{where}.{mode} must be an integer, got {amount!r}")
+                raise UserError(f"{where}.{mode} must be an integer, got {amount!r}")
             _positive(amount, f"{where}.{mode}")
         name = entry.get("name") or Path(entry["path"]).stem
         if name in names:
-            raise ValueError(f"{where}.name {name!r} is used twice")
+            raise UserError(f"{where}.name {name!r} is used twice")
         names.add(name)
         seed = entry.get("seed", default_seed)
         if not isinstance(seed, int):
-            raise ValueError(f"{where}.seed must be an integer, got {seed!r}")
+            raise UserError(f"{where}.seed must be an integer, got {seed!r}")
         local = base_dir / entry["path"]
         sources.append(Source(name, str(local) if local.exists() else entry["path"], mode, amount,
                               seed, entry.get("image_prefix", ""), entry.get("split", "train")))
@@ -135,7 +136,7 @@ def _sha256(path: str) -> str | None:
 
 def build_mixture(config_path: str, out: str, manifest_path: str) -> dict:
     """Writes the mixture and its manifest; returns the manifest."""
-    config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
+    config = read_yaml(config_path, "config")
     sources = parse_config(config, Path(config_path).parent)
     entries = []
     with JsonListWriter(out) as writer:

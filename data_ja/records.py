@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+from llava_jp.errors import UserError, loading, read_json
+
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -17,30 +19,33 @@ def iter_records(source: str, split: str = "train",
     """Rows of a local .json (a list) / .jsonl / .parquet file, or of a hub dataset id.
 
     A JSONL line that does not parse is passed to `on_error(line_no, message)` and skipped
-    when a callback is given; otherwise it raises ValueError naming the line.
+    when a callback is given; otherwise it raises `UserError` naming the line. A missing file
+    is reported here, before the first row is asked for (and before any progress bar).
     """
     path = Path(source)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            yield from _iter_jsonl(path, on_error)
-        elif suffix == ".json":
-            with path.open(encoding="utf-8") as f:
-                data = json.load(f)
+            return _iter_jsonl(path, on_error)
+        if suffix == ".json":
+            data = read_json(path)
             if not isinstance(data, list):
-                raise ValueError(f"{path}: expected a JSON list of samples")
-            yield from data
-        elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-                yield from batch.to_pylist()
-        else:
-            raise ValueError(f"{path}: unsupported file type {suffix!r} (json, jsonl, parquet)")
-    elif _HUB_ID.match(source) and not path.exists():
+                raise UserError(f"{path}: expected a JSON list of samples")
+            return iter(data)
+        if suffix == ".parquet":
+            return _iter_parquet(path)
+        raise UserError(f"{path}: unsupported file type {suffix!r} (json, jsonl, parquet)")
+    if _HUB_ID.match(source) and not path.exists() and path.suffix.lower() not in (".json", ".jsonl", ".parquet"):
         import datasets
-        yield from datasets.load_dataset(source, split=split)
-    else:
-        raise FileNotFoundError(f"{source}: no such file, and not a hub dataset id")
+        with loading(source, "dataset"):
+            return iter(datasets.load_dataset(source, split=split))
+    raise UserError(f"{source}: no such file, and not a hub dataset id")
+
+
+def _iter_parquet(path: Path) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        yield from batch.to_pylist()
 
 
 def _iter_jsonl(path: Path, on_error) -> Iterator[dict]:
@@ -52,7 +57,7 @@ def _iter_jsonl(path: Path, on_error) -> Iterator[dict]:
                 yield json.loads(line)
             except json.JSONDecodeError as err:
                 if on_error is None:
-                    raise ValueError(f"{path}:{line_no}: invalid JSON ({err})") from err
+                    raise UserError(f"{path}:{line_no}:{err.colno}: malformed JSON line: {err.msg}") from None
                 on_error(line_no, str(err))
 
 

@@ -22,7 +22,10 @@ def model_info(model_dir: str) -> dict:
 
     from llava_jp import LlavaJpForConditionalGeneration
 
-    config = AutoConfig.from_pretrained(model_dir)
+    from llava_jp.errors import loading
+
+    with loading(model_dir, "--model"):
+        config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = LlavaJpForConditionalGeneration(config)
     return count_parameters(model=model)

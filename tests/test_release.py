@@ -213,9 +213,9 @@ def test_push_without_network_fails_clearly_after_writing_everything(tiny_dir, t
 def test_release_refusals(tiny_dir, tmp_path, capsys):
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "keep.txt").write_text("x")
-    assert cli_main(["release", "--model", str(tiny_dir), "--out", str(tmp_path / "used"), "--skip-verify"]) == 1
+    assert cli_main(["release", "--model", str(tiny_dir), "--out", str(tmp_path / "used"), "--skip-verify"]) == 2
     assert "is not empty" in capsys.readouterr().err
-    assert cli_main(["release", "--model", str(tiny_dir), "--out", str(tmp_path / "new"), "--push"]) == 1
+    assert cli_main(["release", "--model", str(tiny_dir), "--out", str(tmp_path / "new"), "--push"]) == 2
     assert "--push needs --repo-id" in capsys.readouterr().err
 
 

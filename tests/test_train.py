@@ -173,7 +173,7 @@ def test_config_overrides_and_validation(tmp_path):
     assert cfg.optimizer == "adamw_8bit" and cfg.per_device_batch_size * cfg.gradient_accumulation_steps == 16
     s1 = load_config("stage1")
     assert (s1.learning_rate, s1.per_device_batch_size, s1.max_length, s1.stage) == (1e-3, 32, 1532, 1)
-    with pytest.raises(ValueError, match="unknown config key 'learning_rat'"):
+    with pytest.raises(ValueError, match="unknown option --learning_rat; did you mean --learning_rate"):
         load_config("stage2", ["--learning_rat", "1"])
     with pytest.raises(ValueError, match="optimizer"):
         load_config("stage2", ["--optimizer", "sgd"])

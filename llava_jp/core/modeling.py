@@ -160,7 +160,8 @@ class LlavaJpPreTrainedModel(PreTrainedModel):
         projector runs."""
         if vision_features is None:
             vision_features = self.encode_images(pixel_values)
-        projector_dtype = self.multi_modal_projector[0].weight.dtype
+        # parameters(), not [0]: PEFT wraps a fully trained projector (LoRA's modules_to_save)
+        projector_dtype = next(self.multi_modal_projector.parameters()).dtype
         merged = pixel_shuffle(vision_features, self.config.projector_pixel_shuffle)
         return self.multi_modal_projector(merged.to(projector_dtype))
 

@@ -298,8 +298,11 @@ def load_model(model_path: str, device: str | None = None):
     from llava_jp.infer.load import default_device, inference_dtype
     from llava_jp.infer.load import load_model as load
 
+    from llava_jp.errors import loading
+
     device = device or default_device()
-    model, processor = load(model_path, dtype=inference_dtype(device), device=device)
+    with loading(model_path, "--model"):  # a model folder / hub id, or a LoRA adapter folder
+        model, processor = load(model_path, dtype=inference_dtype(device), device=device)
     return model.eval(), processor
 
 

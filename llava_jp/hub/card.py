@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from llava_jp.errors import UserError, read_json
+
 PIPELINE_TAG = "image-text-to-text"
 TAGS = ["llava", "llava-jp", "vision-language", "japanese", "custom_code"]
 # what `trust_remote_code` imports besides transformers; the s2wrapper module's PyPI name differs
@@ -32,21 +34,21 @@ class CardInfo:
 
 def load_scores(path: str | Path) -> dict[str, dict[str, float]]:
     """Read an eval `scores.json`: `{"task": {"metric": number}}` (or `{"task": number}`)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data = read_json(path, "--scores")
     return normalize_scores(data, source=str(path))
 
 
 def normalize_scores(data: object, source: str = "scores") -> dict[str, dict[str, float]]:
     """Validate a scores mapping once, with errors that name the task and metric."""
     if not isinstance(data, dict) or not data:
-        raise ValueError(f"{source}: expected a non-empty mapping task -> {{metric: number}}")
+        raise UserError(f"{source}: expected a non-empty mapping task -> {{metric: number}}")
     scores: dict[str, dict[str, float]] = {}
     for task, metrics in data.items():
         if not isinstance(metrics, dict):
             metrics = {"score": metrics}
         for metric, value in metrics.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{source}: {task}.{metric}: expected a finite number, got {value!r}")
+                raise UserError(f"{source}: {task}.{metric}: expected a finite number, got {value!r}")
         scores[str(task)] = {str(m): float(v) for m, v in metrics.items()}
     return scores
 

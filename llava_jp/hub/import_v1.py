@@ -38,6 +38,7 @@ from llava_jp.core.configuration import LlavaJpConfig
 from llava_jp.core.modeling import LlavaJpForConditionalGeneration
 from llava_jp.core.processing import LlavaJpProcessor
 from llava_jp.core.vision import LLAVA_JP_V1_1_LAYOUT
+from llava_jp.errors import OFFLINE_HINT, UserError, looks_like_path
 
 PREDECESSOR_ARCHITECTURE = "LlavaGpt2ForCausalLM"
 PREDECESSOR_MODEL_TYPES = ("llava-jp", "llava")
@@ -70,39 +71,44 @@ def resolve_source(src: str) -> Path:
         return path
     from huggingface_hub import snapshot_download
 
+    if looks_like_path(src) or path.exists():
+        raise UserError(f"--src {src!r}: " + ("not a folder" if path.exists() else "no such folder"))
+
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", STAGE1_PROJECTOR_FILE]
     try:
         path = Path(snapshot_download(src, allow_patterns=patterns))
         if not any((path / name).exists() for name in (*WEIGHT_FILES, STAGE1_PROJECTOR_FILE)):
             path = Path(snapshot_download(src, allow_patterns=[*patterns, "*.bin"]))  # pickles only if needed
         return path
-    except Exception as error:
-        raise ValueError(f"--src {src!r} is neither a local directory nor a downloadable hub repository: {error}") from error
+    except Exception as error:  # noqa: BLE001 -- whatever the hub client raised, said in one line
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"--src {src!r}: not a local folder, and the hub could not serve it ({first}); "
+                        f"{OFFLINE_HINT}") from None
 
 
 def read_predecessor_config(path: Path) -> dict:
     """config.json of a predecessor checkpoint, checked for the fields the conversion relies on."""
     config_file = path / "config.json"
     if not config_file.exists():
-        raise ValueError(f"{path}: no config.json")
+        raise UserError(f"{path}: no config.json")
     config = json.loads(config_file.read_text(encoding="utf-8"))
     if config.get("model_type") not in PREDECESSOR_MODEL_TYPES:
-        raise ValueError(f"{config_file}: model_type {config.get('model_type')!r} is not a predecessor checkpoint "
+        raise UserError(f"{config_file}: model_type {config.get('model_type')!r} is not a predecessor checkpoint "
                          f"(expected one of {PREDECESSOR_MODEL_TYPES})")
     architectures = config.get("architectures") or [PREDECESSOR_ARCHITECTURE]
     # its stage 1 saves the config before any model save, so it still names the LM's class
     if PREDECESSOR_ARCHITECTURE not in architectures and "GPT2LMHeadModel" not in architectures:
-        raise ValueError(f"{config_file}: architectures {architectures}: only {PREDECESSOR_ARCHITECTURE} "
+        raise UserError(f"{config_file}: architectures {architectures}: only {PREDECESSOR_ARCHITECTURE} "
                          "(the GPT-2 / llm-jp variant) can be imported")
     for field in ("mm_vision_tower", "mm_projector_type", "mm_hidden_size"):
         if field not in config:
-            raise ValueError(f"{config_file}: missing field {field!r}")
+            raise UserError(f"{config_file}: missing field {field!r}")
     feature = config.get("mm_vision_select_feature", "patch")
     if feature != "patch":
-        raise ValueError(f"{config_file}: mm_vision_select_feature {feature!r}: only 'patch' can be imported")
+        raise UserError(f"{config_file}: mm_vision_select_feature {feature!r}: only 'patch' can be imported")
     scales = config.get("scales")
     if scales is not None and (list(scales) != sorted(scales, reverse=True) or not all(0 < s <= 1 for s in scales)):
-        raise ValueError(f"{config_file}: scales {scales}: expected fractions of the input size, larger first")
+        raise UserError(f"{config_file}: scales {scales}: expected fractions of the input size, larger first")
     return config
 
 
@@ -110,7 +116,7 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(f"{file}: holds more than tensors; refusing to unpickle it ({error})") from error
+        raise UserError(f"{file}: holds more than tensors; refusing to unpickle it ({error})") from error
 
 
 def _load_weight_file(file: Path) -> dict[str, torch.Tensor]:
@@ -132,7 +138,7 @@ def load_predecessor_weights(path: Path) -> dict[str, torch.Tensor]:
         return _load_weight_file(file)
     if (path / STAGE1_PROJECTOR_FILE).exists():
         return _load_pickle(path / STAGE1_PROJECTOR_FILE)
-    raise ValueError(f"{path}: no weights found (looked for {', '.join(WEIGHT_FILES)}, {STAGE1_PROJECTOR_FILE})")
+    raise UserError(f"{path}: no weights found (looked for {', '.join(WEIGHT_FILES)}, {STAGE1_PROJECTOR_FILE})")
 
 
 def convert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -147,7 +153,7 @@ def convert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             continue
         converted[KEY_PREFIXES[prefix] + key[len(prefix):]] = tensor
     if unknown:
-        raise ValueError(f"unknown predecessor weights (not LM, vision tower or projector): {unknown[:10]}")
+        raise UserError(f"unknown predecessor weights (not LM, vision tower or projector): {unknown[:10]}")
     return converted
 
 
@@ -157,7 +163,7 @@ def vision_config_for(name_or_path: str) -> PreTrainedConfig:
     config = AutoConfig.from_pretrained(name_or_path)
     config = getattr(config, "vision_config", None) or config
     if config.model_type != "siglip_vision_model":
-        raise ValueError(f"vision tower {name_or_path!r} is {config.model_type!r}; only SigLIP towers can be imported")
+        raise UserError(f"vision tower {name_or_path!r} is {config.model_type!r}; only SigLIP towers can be imported")
     config._name_or_path = str(name_or_path)
     return config
 
@@ -178,7 +184,7 @@ def build_config(predecessor: dict, vision_config: PreTrainedConfig, text_config
         s2_scales = None
     width = vision_config.hidden_size * max(1, len(scales or []))
     if predecessor["mm_hidden_size"] != width:
-        raise ValueError(f"mm_hidden_size {predecessor['mm_hidden_size']} does not match the vision tower "
+        raise UserError(f"mm_hidden_size {predecessor['mm_hidden_size']} does not match the vision tower "
                          f"(hidden {vision_config.hidden_size} x {max(1, len(scales or []))} scales = {width})")
     return LlavaJpConfig(
         vision_config=vision_config,
@@ -223,7 +229,7 @@ def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], expect_al
     if model.config.text_config.tie_word_embeddings:
         missing = [k for k in missing if k != "language_model.lm_head.weight"]
     if unexpected or (expect_all and missing):
-        raise ValueError(f"checkpoint does not fit the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
+        raise UserError(f"checkpoint does not fit the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
 
 
 def _image_processor(vision_name: str, size: int) -> SiglipImageProcessor:
@@ -247,7 +253,7 @@ def _load_tokenizer(path: Path, override: str | None, predecessor: dict):
         return AutoTokenizer.from_pretrained(path)
     name = predecessor.get("_name_or_path")
     if not name:
-        raise ValueError(f"{path}: no tokenizer files and no _name_or_path in config.json; pass --tokenizer")
+        raise UserError(f"{path}: no tokenizer files and no _name_or_path in config.json; pass --tokenizer")
     return AutoTokenizer.from_pretrained(name)
 
 
@@ -273,7 +279,7 @@ def convert(
     if stage1:
         lm_name = language_model or predecessor.get("_name_or_path")
         if not lm_name:
-            raise ValueError(f"{path}: a stage-1 projector needs the LM; pass --language-model")
+            raise UserError(f"{path}: a stage-1 projector needs the LM; pass --language-model")
         lm = AutoModelForCausalLM.from_pretrained(lm_name, dtype=torch.float32)
         vision_config = vision_config_for(vision_name)
         tower = SiglipVisionModel.from_pretrained(vision_name, config=vision_config, dtype=torch.float32)

@@ -36,6 +36,7 @@ from llava_jp.core.modeling import LlavaJpForConditionalGeneration
 from llava_jp.core.processing import LlavaJpProcessor
 from llava_jp.core.templates import IMAGE_MARKER, get_template
 from llava_jp.infer.load import load_model, save_model
+from llava_jp.errors import UserError, existing_dir
 
 AUTO_MAP = {
     "AutoConfig": "configuration.LlavaJpConfig",
@@ -204,9 +205,10 @@ def release(
     """Write the release folder, verify it, write the card, then push if asked. Returns a report."""
     out = Path(out)
     if push and not repo_id:
-        raise ReleaseError("--push needs --repo-id ORG/NAME")
+        raise UserError("--push needs --repo-id ORG/NAME")
     if out.exists() and any(out.iterdir()):
-        raise ReleaseError(f"{out} is not empty; release into a new or empty directory")
+        raise UserError(f"--out {str(out)!r}: is not empty; release into a new or empty directory")
+    existing_dir(model_dir, "--model")
     if isinstance(scores, (str, Path)):
         scores = load_scores(scores)
     model, processor = load_model(model_dir, dtype="saved")  # the release keeps the dtype the model was saved in

@@ -1,8 +1,10 @@
 """`llava-jp demo`: a Japanese web chat (Gradio): upload an image, talk about it over many turns.
 
-Every browser tab (Gradio session) keeps its own `Conversation` in a `gr.State`; the model is
-shared and the queue runs one generation at a time, so concurrent users never see each
-other's turns. Needs the `[demo]` extra (gradio).
+Every browser tab (Gradio session) keeps its own `Conversation` in a `gr.State`, so concurrent
+users never see each other's turns. The model is either loaded in this process (shared; the
+queue runs one generation at a time) or served elsewhere behind an OpenAI-compatible API
+(`--backend openai --base-url ...`: a vLLM server batches the users' requests, so several run
+at once). Needs the `[demo]` extra (gradio, openai).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ SLIDER_LABELS = {
     "max_new_tokens": ("最大生成トークン数", "回答の長さの上限", 1),
     "repetition_penalty": ("繰り返しペナルティ", "1 で無効。生成済みのトークンの繰り返しを抑える", 0.05),
 }
+# generations in flight at once when a server (vLLM) answers: it batches them
+REMOTE_CONCURRENCY = 16
 INTERNAL_ERROR = "内部エラーで回答できませんでした。サーバーのログを確認してください。"
 # Japanese first: the default theme would fetch a web font, and the demo must work offline.
 FONTS = ["IPAPGothic", "Noto Sans CJK JP", "Hiragino Sans", "Meiryo", "sans-serif"]
@@ -72,12 +76,29 @@ def make_example_images(directory: Path) -> dict[str, Path]:
 
 # -- handlers (plain functions of (inputs, state) -> outputs, testable without a browser) --------
 class DemoHandlers:
-    """What the page's events do. The model is shared; all per-user data is in `Conversation`."""
+    """What the page's events do. The model is shared; all per-user data is in `Conversation`.
 
-    def __init__(self, model, processor, max_image_pixels: int = MAX_IMAGE_PIXELS):
+    The model: `model` + `processor` loaded here, or `remote`, a `RemoteModel` (an
+    OpenAI-compatible server; model and processor are then None).
+    """
+
+    def __init__(self, model=None, processor=None, max_image_pixels: int = MAX_IMAGE_PIXELS, remote=None):
+        if (remote is None) == (model is None):
+            raise ValueError("DemoHandlers needs a model and processor, or a remote model, not both")
         self.model = model
         self.processor = processor
+        self.remote = remote
         self.max_image_pixels = max_image_pixels
+
+    def session(self, state: Conversation):
+        """A chat session over `state`'s image and history, on this demo's model."""
+        if self.remote is not None:
+            from llava_jp.infer.remote import RemoteChatSession
+
+            return RemoteChatSession(self.remote, image=state.image, messages=state.messages,
+                                     max_image_pixels=self.max_image_pixels)
+        return ChatSession(self.model, self.processor, image=state.image, messages=state.messages,
+                           max_image_pixels=self.max_image_pixels)
 
     def load_image(self, path: str | None, state: Conversation | None):
         """New image -> (preview, state, chat display, status). A new image starts a new chat;
@@ -105,8 +126,7 @@ class DemoHandlers:
         state = state or Conversation()
         try:
             settings = GenerationSettings(max_new_tokens, temperature, top_p, repetition_penalty)  # it checks them
-            session = ChatSession(self.model, self.processor, image=state.image, messages=state.messages,
-                                  max_image_pixels=self.max_image_pixels)
+            session = self.session(state)
             turn = session.send(question or "", settings)
         except ChatError as err:
             yield state.display, state, f"⚠️ {err}", question
@@ -119,6 +139,9 @@ class DemoHandlers:
                 for piece in stream:
                     display[-1] = {"role": "assistant", "content": display[-1]["content"] + piece}
                     yield display, state, notice or "回答を生成しています…", ""
+        except ChatError as err:  # a remote server refused or failed
+            yield state.display, state, f"⚠️ {err}", turn.question
+            return
         except Exception:
             logger.exception("generation failed")
             yield state.display, state, f"⚠️ {INTERNAL_ERROR}", turn.question
@@ -135,19 +158,21 @@ def _unchanged():
 
 
 # -- the page ------------------------------------------------------------------------------------
-def build_demo(model, processor, max_image_pixels: int = MAX_IMAGE_PIXELS, example_dir: Path | None = None):
-    """The Gradio app (a `gr.Blocks`, queue configured); start it with `serve`."""
+def build_demo(model=None, processor=None, max_image_pixels: int = MAX_IMAGE_PIXELS, example_dir: Path | None = None,
+               remote=None):
+    """The Gradio app (a `gr.Blocks`, queue configured); start it with `serve`.
+    The model: `model` + `processor`, or `remote` (a `RemoteModel`)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
     from llava_jp.infer.chat import context_length
 
-    handlers = DemoHandlers(model, processor, max_image_pixels)
+    handlers = DemoHandlers(model, processor, max_image_pixels, remote)
     example_dir = example_dir or Path(tempfile.mkdtemp(prefix="llava-jp-demo-"))
     example_images = make_example_images(example_dir)
     ranges = dict(GenerationSettings.RANGES)
     # leave at least half of the context to the prompt
-    ranges["max_new_tokens"] = (1, min(ranges["max_new_tokens"][1], context_length(model) // 2))
+    ranges["max_new_tokens"] = (1, min(ranges["max_new_tokens"][1], (remote.context_length if remote else context_length(model)) // 2))
     defaults = GenerationSettings(max_new_tokens=min(GenerationSettings().max_new_tokens, ranges["max_new_tokens"][1]))
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
@@ -180,8 +205,9 @@ def build_demo(model, processor, max_image_pixels: int = MAX_IMAGE_PIXELS, examp
               [chatbot, state, status, question], api_name="chat")
         reset.click(handlers.reset, [state], [state, chatbot, status], api_name="reset")
         chatbot.clear(handlers.reset, [state], [state, chatbot, status], api_name=False)
-    # one generation at a time: the model is shared, and a CPU gains nothing from running two
-    demo.queue(default_concurrency_limit=1, max_size=64)
+    # in-process: one generation at a time (the model is shared, and a CPU gains nothing from
+    # running two); a remote server batches concurrent requests itself
+    demo.queue(default_concurrency_limit=REMOTE_CONCURRENCY if remote else 1, max_size=64)
     return demo
 
 
@@ -200,6 +226,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
+    remote = parser.add_argument_group("a model served elsewhere (--backend openai)")
+    remote.add_argument("--backend", choices=("local", "openai"), default="local",
+                        help="local: load --model here; openai: talk to an OpenAI-compatible server (vLLM)")
+    remote.add_argument("--base-url", default=None, help="the server's API root, e.g. http://127.0.0.1:8000/v1")
+    remote.add_argument("--model-name", default=None, help="served model to use (default: the only one listed)")
+    remote.add_argument("--api-key", default=None, help="the server's key, if it wants one (default: env OPENAI_API_KEY)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -207,13 +239,22 @@ def run(args: argparse.Namespace) -> int:
 
     from llava_jp.infer.chat import load_model, resolve_model
 
+    model = processor = remote = None
     try:
-        model_path = resolve_model(args.model)
         if find_spec("gradio") is None:
             raise ChatError("gradio がインストールされていません: pip install 'llava-jp[demo]'")
-        model, processor = load_model(model_path, args.device)
+        if args.backend == "openai":
+            from llava_jp.infer.remote import RemoteModel
+
+            if not args.base_url:
+                raise ChatError("--backend openai には --base-url（例: http://127.0.0.1:8000/v1）が必要です。")
+            remote = RemoteModel(args.base_url, args.model_name, args.api_key)
+        else:
+            if args.base_url or args.model_name:
+                raise ChatError("--base-url と --model-name は --backend openai と一緒に使ってください。")
+            model, processor = load_model(resolve_model(args.model), args.device)
     except ChatError as err:
         print(f"エラー: {err}", file=sys.stderr)
         return 2
-    serve(build_demo(model, processor, args.max_image_pixels), args.host, args.port)
+    serve(build_demo(model, processor, args.max_image_pixels, remote=remote), args.host, args.port)
     return 0

@@ -81,15 +81,20 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device | None = None,
     pretrained: bool = True,
+    quantization_config=None,
 ) -> tuple[LlavaJpForConditionalGeneration, LlavaJpProcessor]:
     """(model, processor) from a saved llava-jp model (directory or hub id) or a preset.
 
     dtype: every floating weight ends up in it, whatever the checkpoint or its config says;
         "saved" keeps the dtype a saved model records (what `llava-jp release` wants).
     pretrained: presets only: load the tower and LM from their hub ids / paths (else random).
+    quantization_config: saved models only: bitsandbytes 4-bit for QLoRA (`train/lora.py`).
+    A LoRA adapter folder (`adapter_config.json`) loads as its base with the adapters merged.
     The model is on `device` (default: left on the CPU) and in train mode as transformers
     returns it; callers that only generate call `.eval()`.
     """
+    from llava_jp.train import lora
+
     if dtype == "saved":
         dtype = saved_dtype(source) or torch.float32
     dtype = parse_dtype(dtype)
@@ -97,9 +102,15 @@ def load_model(
         from llava_jp.presets.builder import build
 
         model, processor = build(str(source), pretrained=pretrained, dtype=dtype)
+    elif lora.is_adapter(source):
+        model, processor = lora.merged_from(source, dtype), LlavaJpProcessor.from_pretrained(source)
     else:
-        model = LlavaJpForConditionalGeneration.from_pretrained(source, dtype=dtype)
-        processor = LlavaJpProcessor.from_pretrained(source)
+        from llava_jp.errors import loading
+
+        with loading(str(source), "--model"):  # a missing folder or unreachable hub id: one line
+            model = LlavaJpForConditionalGeneration.from_pretrained(source, dtype=dtype,
+                                                                    quantization_config=quantization_config)
+            processor = LlavaJpProcessor.from_pretrained(source)
     for p in model.parameters():  # a checkpoint holding mixed dtypes comes back mixed otherwise
         if p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -21,6 +20,7 @@ from llava_jp.core.configuration import LlavaJpConfig
 from llava_jp.core.modeling import LlavaJpForConditionalGeneration
 from llava_jp.core.processing import LlavaJpProcessor
 from llava_jp.core.templates import add_image_token, get_template
+from llava_jp.errors import UserError, closest, loading, read_yaml
 from llava_jp.presets.tokenizers import build_bpe_tokenizer, build_char_tokenizer
 
 PRESET_DIR = Path(__file__).parent
@@ -60,11 +60,11 @@ class Preset:
 
 def _from_dict(cls, data: dict, where: str):
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise UserError(f"{where}: expected a mapping, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
+        raise UserError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
     return cls(**data)
 
 
@@ -73,14 +73,17 @@ def parse_preset(data: dict, source: str = "preset") -> Preset:
     data = dict(data)
     for key in ("vision", "language_model", "tokenizer"):
         if key not in data:
-            raise ValueError(f"{source}: missing field {key!r}")
+            raise UserError(f"{source}: missing field {key!r}")
     data["vision"] = _from_dict(VisionSpec, data["vision"], f"{source}: vision")
     data["language_model"] = _from_dict(LanguageModelSpec, data["language_model"], f"{source}: language_model")
     preset = _from_dict(Preset, data, source)
-    get_template(preset.template)
+    try:
+        get_template(preset.template)
+    except ValueError as err:
+        raise UserError(f"{source}: template: {err}") from None
     for spec, where in ((preset.vision, "vision"), (preset.language_model, "language_model")):
         if spec.name_or_path is None and "model_type" not in spec.config:
-            raise ValueError(f"{source}: {where} needs name_or_path or a config with model_type")
+            raise UserError(f"{source}: {where} needs name_or_path or a config with model_type")
     return preset
 
 
@@ -94,16 +97,17 @@ def load_preset(name_or_path: str | Path) -> Preset:
     if path.suffix not in (".yaml", ".yml"):
         path = PRESET_DIR / f"{name_or_path}.yaml"
         if not path.exists():
-            raise ValueError(f"unknown preset {str(name_or_path)!r}; bundled: {preset_names()}")
-    with open(path, encoding="utf-8") as f:
-        return parse_preset(yaml.safe_load(f), source=str(path))
+            raise UserError(f"unknown preset {str(name_or_path)!r}; bundled: {', '.join(preset_names())}"
+                            + closest(str(name_or_path), preset_names()))
+    return parse_preset(read_yaml(path, "preset"), source=str(path))
 
 
 # -- pieces ----------------------------------------------------------------------------------
 def load_tokenizer(name_or_path: str):
     if name_or_path in BUILTIN_TOKENIZERS:
         return BUILTIN_TOKENIZERS[name_or_path]()
-    return AutoTokenizer.from_pretrained(name_or_path)
+    with loading(name_or_path, "tokenizer"):
+        return AutoTokenizer.from_pretrained(name_or_path)
 
 
 def _config_from_dict(config: dict) -> PreTrainedConfig:
@@ -113,7 +117,8 @@ def _config_from_dict(config: dict) -> PreTrainedConfig:
 
 def _vision_config(spec: VisionSpec, pretrained: bool) -> PreTrainedConfig:
     if pretrained and spec.name_or_path:
-        config = AutoConfig.from_pretrained(spec.name_or_path)
+        with loading(spec.name_or_path, "vision name_or_path"):
+            config = AutoConfig.from_pretrained(spec.name_or_path)
         # a full SigLIP/CLIP checkpoint carries text and vision; we want the vision half
         return getattr(config, "vision_config", None) or config
     return _config_from_dict(spec.config)
@@ -133,7 +138,8 @@ def build_config(preset: Preset, pretrained: bool = False, tokenizer=None) -> Ll
     image_token_id = add_image_token(tokenizer) if tokenizer is not None else None
     lm = preset.language_model
     if pretrained and lm.name_or_path:
-        text_config = AutoConfig.from_pretrained(lm.name_or_path)
+        with loading(lm.name_or_path, "language_model name_or_path"):
+            text_config = AutoConfig.from_pretrained(lm.name_or_path)
     else:
         cfg = dict(lm.config)
         if tokenizer is not None:
@@ -192,7 +198,8 @@ def build(
     if pretrained and preset.vision.name_or_path:
         vision_tower = _load_vision_tower(preset.vision, config.vision_config, dtype)
     if pretrained and preset.language_model.name_or_path:
-        language_model = AutoModelForCausalLM.from_pretrained(preset.language_model.name_or_path, dtype=dtype)
+        with loading(preset.language_model.name_or_path, "language_model name_or_path"):
+            language_model = AutoModelForCausalLM.from_pretrained(preset.language_model.name_or_path, dtype=dtype)
     model = LlavaJpForConditionalGeneration(config, vision_tower=vision_tower, language_model=language_model)
     model = model.to(dtype)
     vocab = model.get_input_embeddings().num_embeddings

@@ -231,8 +231,9 @@ def atomic_write(final: Path, write) -> None:
 
 
 def save_result(model, processor, cfg, state_dict: dict) -> Path:
-    """Stage 1: only the projector (safetensors). Stage 2: a full `from_pretrained` directory.
-    Both in `cfg.save_dtype` (the dtype policy: `llava_jp.infer.load`).
+    """Stage 1: only the projector (safetensors). Stage 2: a full `from_pretrained` directory;
+    with LoRA the adapter folder (and, with `lora_merge`, the merged model too). In `cfg.save_dtype`
+    (the dtype policy: `llava_jp.infer.load`).
     `state_dict` is the full model's, from `accelerator.get_state_dict` (which gathers FSDP /
     ZeRO-3 shards)."""
     out = Path(cfg.output_dir)
@@ -242,6 +243,15 @@ def save_result(model, processor, cfg, state_dict: dict) -> Path:
         weights = {k[len(prefix):]: v.to(dtype).contiguous() for k, v in state_dict.items() if k.startswith(prefix)}
         atomic_write(out / PROJECTOR_FILE, lambda tmp: save_file(weights, tmp))
         return out / PROJECTOR_FILE
+
+    if cfg.lora:
+        from llava_jp.train import lora
+
+        atomic_write(out / lora.ADAPTER_SUBDIR, lambda tmp: lora.save_adapter(model, processor, tmp))
+        if not cfg.lora_merge:
+            return out / lora.ADAPTER_SUBDIR
+        merged = lora.merged_from(out / lora.ADAPTER_SUBDIR)
+        model, state_dict = merged, merged.state_dict()
 
     def write(path: Path) -> None:
         save_model(model, processor, path, dtype, state_dict=state_dict)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from llava_jp.errors import UserError, loading, looks_like_path, read_json, read_jsonl
 from llava_jp.train.features import FeatureCache
 from llava_jp.core.modeling import IGNORE_INDEX
 from llava_jp.core.processing import ImageLoadError, LlavaJpProcessor, load_image
@@ -50,12 +51,9 @@ def load_records(data_path: str) -> tuple[datasets.Dataset, str]:
     """
     path = Path(data_path)
     if path.is_file():
-        if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        else:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = read_jsonl(path, "data_path") if path.suffix == ".jsonl" else read_json(path, "data_path")
         if not isinstance(rows, list):
-            raise DataError(f"{data_path}: expected a JSON list of samples")
+            raise UserError(f"{data_path}: expected a JSON list of samples, got {type(rows).__name__}")
         rows = [r if isinstance(r, dict) else {} for r in rows]
         # turing-motors/LLaVA-v1.5-Instruct-620K-JA writes `image` as a path or a list of one path
         images = [r.get("image") for r in rows]
@@ -72,7 +70,10 @@ def load_records(data_path: str) -> tuple[datasets.Dataset, str]:
     if path.is_dir():
         ds = datasets.load_from_disk(str(path))
     else:
-        ds = datasets.load_dataset(data_path, split="train")
+        if path.suffix in (".json", ".jsonl") or looks_like_path(data_path):
+            raise UserError(f"data_path {data_path!r}: no such file or folder")
+        with loading(data_path, "data_path"):
+            ds = datasets.load_dataset(data_path, split="train")
     fingerprint = ds._fingerprint
     return ds.map(lambda r: {"conversations": json.dumps(r["conversations"], ensure_ascii=False)}), fingerprint
 

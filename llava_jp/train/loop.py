@@ -11,6 +11,7 @@ strategy can save periodically, resume and stop at a time budget.
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 import json
 import logging
 import math
@@ -30,12 +31,15 @@ from transformers import get_scheduler
 from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
 from llava_jp.train import features as feature_cache
 from llava_jp.infer.load import load_model
+from llava_jp.presets.builder import load_preset
 from llava_jp.core.modeling import IGNORE_INDEX
 from llava_jp.core.processing import IMAGE_FAULTS
+from llava_jp.errors import UserError, closest, existing_dir, existing_file, loading
+from llava_jp.train import curves, lora
 from llava_jp.train import checkpoint as ckpt
 from llava_jp.train import strategy
 from llava_jp.train.checkpoint import save_result, write_json
-from llava_jp.train.config import TrainConfig, load_config
+from llava_jp.train.config import TrainConfig, parse_args
 from llava_jp.train.data import Collator, DataError, encode_dataset, grouped_batches, load_records, make_loader
 from llava_jp.train.optim import build_optimizer, prepare_for_training
 
@@ -44,15 +48,39 @@ logger = logging.getLogger(__name__)
 
 # -- model ---------------------------------------------------------------------------------
 def setup_model(cfg: TrainConfig) -> tuple[LlavaJpForConditionalGeneration, LlavaJpProcessor]:
-    """Load or build the model, load a stage-1 projector, and set what trains."""
-    model, processor = load_model(cfg.model or cfg.preset, dtype=torch.float32)
+    """Load or build the model, load a stage-1 projector, and set what trains (with LoRA: the
+    model wrapped by PEFT)."""
+    if cfg.preset:
+        load_preset(cfg.preset)  # an unknown name is a one-line error here, not a hub lookup
+    with loading(cfg.model, "model") if cfg.model else nullcontext():
+        model, processor = load_model(cfg.model or cfg.preset, dtype=torch.float32,
+                                      quantization_config=lora.quantization_config(cfg))
     if cfg.template:
         processor.template = cfg.template
     if cfg.pretrained_projector:
-        weights = load_file(cfg.pretrained_projector)
+        weights = load_file(existing_file(cfg.pretrained_projector, "pretrained_projector"))
         model.multi_modal_projector.load_state_dict(weights, strict=True)
     prepare_for_training(model, cfg)
+    if cfg.lora:
+        model = lora.add_adapters(model, cfg)
     return model, processor
+
+
+def check_trackers(names: list[str]) -> None:
+    """Every `report_to` tracker is known to accelerate and its package is installed; checked
+    before anything loads, so a run never finishes without the logging that was asked for."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = [t.value for t in LoggerType if t.value != "all"]
+    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    for name in names:
+        if name not in known:
+            raise UserError(f"report_to {name!r}: not a tracker accelerate knows ({', '.join(known)})"
+                            + closest(name, known))
+        if name not in available:
+            raise UserError(f"report_to {name!r}: its package is not installed (pip install {name}), "
+                            "or drop it from report_to; log.jsonl, trainer_state.json and curves.png are written anyway")
 
 
 # -- loop ----------------------------------------------------------------------------------
@@ -170,8 +198,12 @@ def _resume(out: Path, model, scheduler, accelerator: Accelerator, run: dict, ac
 def train(cfg: TrainConfig, resume: bool = False, allow_resume_changes: bool = False) -> dict:
     """Run one training stage; returns a summary (also written to output_dir/summary.json)."""
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_trackers(cfg.report_to)
+    if cfg.image_folder:
+        existing_dir(cfg.image_folder, "image_folder")
+    set_seed(cfg.seed)  # what setup draws (LoRA's initial adapters, a preset's random parts) is the seed's
     model, processor = setup_model(cfg)
+    out.mkdir(parents=True, exist_ok=True)
     with_text_only = True  # a text-only batch leaves the projector without gradient
     accum = cfg.gradient_accumulation_steps
     accelerator = Accelerator(
@@ -311,24 +343,17 @@ def train(cfg: TrainConfig, resume: bool = False, allow_resume_changes: bool = F
     if accelerator.is_main_process:
         summary["output"] = str(save_result(unwrapped, processor, cfg, state_dict))
         write_json(out / "summary.json", summary)
+        curves.finish_run(out, total_steps)
     accelerator.end_training()
     return summary
 
 
 # -- CLI -----------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file or bundled config name (stage1, stage2)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    parser.add_argument("--allow_resume_changes", action="store_true",
-                        help="with --resume: continue even if world size, per-device batch, accumulation or total "
-                             "steps differ from the checkpoint's")
-    parser.epilog = "Any config key can be overridden: --learning_rate 1e-4 --output_dir runs/x"
-
-
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    """`llava-jp train`: its arguments (all of them, --help included) are parsed by train/config.py."""
+    cfg, launch = parse_args(args.overrides)
     try:
-        summary = train(cfg, resume=args.resume, allow_resume_changes=args.allow_resume_changes)
+        summary = train(cfg, resume=launch.resume, allow_resume_changes=launch.allow_resume_changes)
     except ResumeMismatch as err:  # the user changed the launch: say what, no traceback
         tqdm.write(f"error: {err}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ def prepare_for_training(model: LlavaJpForConditionalGeneration, cfg: TrainConfi
     frozen ones in the compute dtype: `apply_training_dtypes`), enable gradient checkpointing."""
     model.requires_grad_(False)
     model.multi_modal_projector.requires_grad_(True)
-    if cfg.stage == 2:
+    if cfg.stage == 2 and not cfg.lora:  # with LoRA, PEFT adds the LM's trainable adapters (train/lora.py)
         model.language_model.requires_grad_(True)
     if cfg.train_vision_tower:
         model.vision_tower.requires_grad_(True)
