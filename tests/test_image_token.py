@@ -191,3 +191,12 @@ def test_what_vllm_asks_the_processor(tiny):
     # vLLM tokenizes the replacement text: one image id per image token
     ids = processor.tokenizer(offset["replacement"], add_special_tokens=False)["input_ids"]
     assert ids == [processor.image_token_id] * processor.num_image_tokens
+
+
+def test_vllm_call_with_truncation_false_is_accepted_and_truncation_refused(tiny):
+    _, processor = tiny
+    # vLLM's Transformers backend calls the processor with truncation=False (seen in its 400 error)
+    out = processor(text="<image>", images=[RED], truncation=False, return_tensors="pt")
+    assert int((out["input_ids"] == processor.image_token_id).sum()) == processor.num_image_tokens
+    with pytest.raises(ValueError, match="does not truncate"):
+        processor(text="<image>", images=[RED], truncation=True)

@@ -352,6 +352,8 @@ class LlavaJpProcessor(ProcessorMixin):
         for modality in ("videos", "audio"):
             if kwargs.pop(modality, None) is not None:
                 raise ValueError(f"LlavaJpProcessor takes images and text only, not {modality}")
+        if kwargs.pop("truncation", None):  # vLLM passes truncation=False; cutting a prompt would drop image tokens
+            raise ValueError("LlavaJpProcessor does not truncate prompts (image placeholders must stay whole)")
         unknown = sorted(set(kwargs) - _ACCEPTED_NOOP_KWARGS)
         if unknown:
             raise TypeError(f"LlavaJpProcessor got unexpected keyword argument(s) {unknown}")
