@@ -1,2 +1,0 @@
-from .core import *
-from .utils import *
