@@ -163,7 +163,8 @@ class LlavaJpPreTrainedModel(PreTrainedModel):
         # parameters(), not [0]: PEFT wraps a fully trained projector (LoRA's modules_to_save)
         projector_dtype = next(self.multi_modal_projector.parameters()).dtype
         merged = pixel_shuffle(vision_features, self.config.projector_pixel_shuffle)
-        return self.multi_modal_projector(merged.to(projector_dtype))
+        # contiguous: vLLM swaps in its own Linear, whose CPU GEMM (oneDNN) needs a unit last stride
+        return self.multi_modal_projector(merged.to(projector_dtype).contiguous())
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor, n_images: int) -> torch.Tensor:
         """(batch, seq) mask of the image placeholder positions, checked against the image count."""
