@@ -200,3 +200,11 @@ def test_vllm_call_with_truncation_false_is_accepted_and_truncation_refused(tiny
     assert int((out["input_ids"] == processor.image_token_id).sum()) == processor.num_image_tokens
     with pytest.raises(ValueError, match="does not truncate"):
         processor(text="<image>", images=[RED], truncation=True)
+
+
+def test_get_image_features_with_return_dict_gives_pooler_output(tiny):
+    model, processor = tiny
+    pixels = processor(text="<image>", images=[RED], return_tensors="pt")["pixel_values"]
+    plain = model.get_image_features(pixels)
+    # vLLM's Transformers backend: get_image_features(pixel_values, return_dict=True).pooler_output
+    assert torch.equal(model.get_image_features(pixels, return_dict=True).pooler_output, plain)

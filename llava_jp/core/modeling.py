@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 
 from .configuration import LlavaJpConfig
 from .projector import build_projector, merged_tokens, pixel_shuffle
@@ -153,18 +153,23 @@ class LlavaJpPreTrainedModel(PreTrainedModel):
             )
 
     def get_image_features(
-        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None, **kwargs
-    ) -> torch.Tensor:
+        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None,
+        return_dict: bool = False, **kwargs
+    ) -> torch.Tensor | BaseModelOutputWithPooling:
         """Pixels (or their vision features, e.g. from a feature cache) -> LM-width embeddings,
         (n_images, num_image_tokens, hidden). **Where pixels become embeddings**: the one place the
-        projector runs."""
+        projector runs. With `return_dict` (what vLLM's Transformers backend asks for, as for
+        transformers' own VLMs) the embeddings come as `pooler_output`."""
         if vision_features is None:
             vision_features = self.encode_images(pixel_values)
         # parameters(), not [0]: PEFT wraps a fully trained projector (LoRA's modules_to_save)
         projector_dtype = next(self.multi_modal_projector.parameters()).dtype
         merged = pixel_shuffle(vision_features, self.config.projector_pixel_shuffle)
         # contiguous: vLLM swaps in its own Linear, whose CPU GEMM (oneDNN) needs a unit last stride
-        return self.multi_modal_projector(merged.to(projector_dtype).contiguous())
+        embeds = self.multi_modal_projector(merged.to(projector_dtype).contiguous())
+        if return_dict:
+            return BaseModelOutputWithPooling(last_hidden_state=vision_features, pooler_output=embeds)
+        return embeds
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor, n_images: int) -> torch.Tensor:
         """(batch, seq) mask of the image placeholder positions, checked against the image count."""
