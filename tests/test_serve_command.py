@@ -56,3 +56,15 @@ def test_refusals_are_one_line(tmp_path, release, capsys, case, message):
     code = cli_main(["serve", "--model", str(model), "--vllm-python", sys.executable, "--print-command"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("llava-jp serve: ") and message in err and err.count("\n") == 1
+
+
+def test_the_release_dtype_is_served_unless_asked_otherwise(release, vllm_importable, capsys):
+    config = json.loads((release / "config.json").read_text()) | {"dtype": "float32"}
+    (release / "config.json").write_text(json.dumps(config))
+    assert cli_main(["serve", "--model", str(release), "--vllm-python", sys.executable, "--print-command"]) == 0
+    command = capsys.readouterr().out.split()
+    assert command[command.index("--dtype") + 1] == "float32"  # vLLM's auto would downcast it to bf16
+    assert cli_main(["serve", "--model", str(release), "--vllm-python", sys.executable, "--print-command",
+                     "--dtype", "bfloat16"]) == 0
+    command = capsys.readouterr().out.split()
+    assert command[command.index("--dtype") + 1] == "bfloat16"

@@ -131,6 +131,11 @@ def probe_image(size: int) -> Image.Image:
     return image
 
 
+# float32 rounding between two processes (seen: 3e-7 for a bf16-trained model saved in float32);
+# any real difference (a lost weight, another preprocessing) is orders of magnitude larger
+LOGIT_TOLERANCE = 1e-5
+
+
 def verify_release(source: str | Path, release_dir: str | Path, max_new_tokens: int = 8, timeout: float = 3600) -> dict:
     """Load `release_dir` in a process that cannot import llava_jp and compare its greedy
     generation and logits on a probe image with the source model's (fp32, CPU)."""
@@ -155,7 +160,7 @@ def verify_release(source: str | Path, release_dir: str | Path, max_new_tokens: 
     diff = (expected["logits"] - got["logits"]).abs().max().item() if expected["logits"].shape == got["logits"].shape else float("inf")
     idioms_hold = bool(loaded["idioms"]) and all(loaded["idioms"].values())
     return {
-        "passed": same_prompt and same_tokens and diff == 0.0 and not loaded["llava_jp_imported"] and idioms_hold
+        "passed": same_prompt and same_tokens and diff <= LOGIT_TOLERANCE and not loaded["llava_jp_imported"] and idioms_hold
         and not loaded["deprecation_warnings"],
         "same_prompt_ids": same_prompt,
         "same_tokens": same_tokens,

@@ -97,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
         if not Path(args.model).exists() and "/" not in args.model:
             raise ServeError(f"--model {args.model}: no such folder")
         if Path(args.model).exists():
-            check_release(args.model)
+            config = check_release(args.model)
+            if args.dtype is None and isinstance(config.get("dtype"), str):
+                args.dtype = config["dtype"]  # vLLM's "auto" would serve a float32 release in bf16
         python = find_vllm_python(args.vllm_python)
         command = vllm_command(args, python, vllm_has_gpu(python))
     except ServeError as err:
