@@ -20,7 +20,6 @@ from llava_jp.errors import UserError
 from llava_jp.presets.init import save_base
 from llava_jp.infer.chat import QUICKSTART_MODEL_DIR
 from llava_jp.infer.generate import generate_answers
-from llava_jp.infer.load import save_model
 from llava_jp.synthetic import write_dataset
 from llava_jp.train.config import TrainConfig
 from llava_jp.train.checkpoint import MODEL_SUBDIR, PROJECTOR_FILE

@@ -3,7 +3,6 @@ the evaluation table from an eval `scores.json`."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
