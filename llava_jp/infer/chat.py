@@ -220,7 +220,30 @@ class ChatSession:
         return turn.text
 
 
-class Turn:
+class StreamedAnswer:
+    """What every streamed answer offers its front end (local `Turn`, the demo's remote turn):
+    iterate once over text pieces (`_stream`), `text`, `dropped_turns` and its `notice`."""
+
+    dropped_turns: int
+    _started: bool
+
+    @property
+    def notice(self) -> str | None:
+        if not self.dropped_turns:
+            return None
+        return f"会話が長くなったため、古いやり取り {self.dropped_turns} 回分をモデルの文脈から外しました。"
+
+    def __iter__(self) -> Iterator[str]:
+        if self._started:
+            raise RuntimeError("a Turn can be iterated only once")
+        self._started = True
+        return self._stream()
+
+    def _stream(self) -> Iterator[str]:
+        raise NotImplementedError
+
+
+class Turn(StreamedAnswer):
     """An answer being generated. Iterating yields text pieces as they are decoded (iterate
     once). When the answer is complete, or the reader stops early (closes the iterator), the
     question and the answer shown so far join the session's history; after an error, nothing does.
@@ -239,17 +262,6 @@ class Turn:
         self.finished = False
         self._started = False
 
-    @property
-    def notice(self) -> str | None:
-        if not self.dropped_turns:
-            return None
-        return f"会話が長くなったため、古いやり取り {self.dropped_turns} 回分をモデルの文脈から外しました。"
-
-    def __iter__(self) -> Iterator[str]:
-        if self._started:
-            raise RuntimeError("a Turn can be iterated only once")
-        self._started = True
-        return self._stream()
 
     def _stream(self) -> Iterator[str]:
         session = self.session

@@ -22,7 +22,8 @@ from PIL import Image
 
 from llava_jp.core.processing import ImageLike
 from llava_jp.core.templates import IMAGE_MARKER
-from llava_jp.infer.chat import FALLBACK_CONTEXT_LENGTH, MAX_IMAGE_PIXELS, ChatError, GenerationSettings, load_chat_image
+from llava_jp.infer.chat import (FALLBACK_CONTEXT_LENGTH, MAX_IMAGE_PIXELS, ChatError, GenerationSettings,
+                                 StreamedAnswer, load_chat_image)
 
 
 class RemoteModel:
@@ -126,7 +127,7 @@ class RemoteChatSession:
         return turn.text
 
 
-class RemoteTurn:
+class RemoteTurn(StreamedAnswer):
     """An answer being streamed from the server; `Turn`'s interface (iterate once, `text`,
     `notice`, `dropped_turns`; the exchange joins the history when complete or stopped early).
     Server and connection failures are `ChatError`s in Japanese."""
@@ -142,17 +143,6 @@ class RemoteTurn:
         self._started = False
         self._response = self._open()
 
-    @property
-    def notice(self) -> str | None:
-        if not self.dropped_turns:
-            return None
-        return f"会話が長くなったため、古いやり取り {self.dropped_turns} 回分をモデルの文脈から外しました。"
-
-    def __iter__(self) -> Iterator[str]:
-        if self._started:
-            raise RuntimeError("a Turn can be iterated only once")
-        self._started = True
-        return self._stream()
 
     def _open(self):
         openai = self.session.remote.openai
