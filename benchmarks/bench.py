@@ -45,7 +45,7 @@ from transformers import (
 
 from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
 
-from benchmarks.sizes import BENCH_IMAGE_TOKEN_ID, BenchSize, _sample, _tokens, bench_size
+from benchmarks.sizes import BENCH_IMAGE_TOKEN_ID, BenchSize, _sample, _tokens, bench_size, padded_batch
 from llava_jp.presets.builder import build_config, parse_preset
 from llava_jp.train.features import FeatureCache
 from llava_jp.core.modeling import IGNORE_INDEX, LlavaJpForConditionalGeneration
@@ -134,17 +134,7 @@ def make_batch(size: BenchSize, stage: int, ours: LlavaJpForConditionalGeneratio
     vocab = ours.config.text_config.vocab_size
     batch = size.stage1_batch if stage == 1 else size.stage2_batch
     samples = [_sample(size, stage, rng, ours.num_image_tokens, ours.config.image_token_id, vocab) for _ in range(batch)]
-    length = max(len(ids) for ids, _ in samples)
-    out = {"input_ids": torch.zeros(batch, length, dtype=torch.long),
-           "attention_mask": torch.zeros(batch, length, dtype=torch.long),
-           "labels": torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)}
-    for i, (ids, labels) in enumerate(samples):
-        out["input_ids"][i, :len(ids)] = torch.tensor(ids)
-        out["attention_mask"][i, :len(ids)] = 1
-        out["labels"][i, :len(ids)] = torch.tensor(labels)
-    generator = torch.Generator().manual_seed(seed)
-    out["pixel_values"] = torch.randn(batch, 3, ours.config.image_size, ours.config.image_size, generator=generator)
-    return out
+    return padded_batch(samples, ours.config.image_size, seed)
 
 
 def for_peer(batch: dict, ours: LlavaJpForConditionalGeneration) -> dict:

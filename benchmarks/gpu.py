@@ -32,7 +32,7 @@ import torch
 import transformers
 
 from benchmarks.flops import SampleShape, peak_tflops, sample_flops
-from benchmarks.sizes import BENCH_IMAGE_TOKEN_ID, _sample, _tokens, bench_size
+from benchmarks.sizes import BENCH_IMAGE_TOKEN_ID, _sample, _tokens, bench_size, padded_batch
 from llava_jp.core.modeling import IGNORE_INDEX, LlavaJpForConditionalGeneration
 from llava_jp.presets.builder import BUILTIN_TOKENIZERS, build_config, load_preset, load_tokenizer
 from llava_jp.train.config import TrainConfig, load_config
@@ -71,17 +71,7 @@ def make_batch(model: LlavaJpForConditionalGeneration, stage: int, batch: int, s
     rng = random.Random(seed)
     vocab = model.config.text_config.vocab_size
     samples = [_sample(shapes, stage, rng, model.num_image_tokens, model.config.image_token_id, vocab) for _ in range(batch)]
-    length = max(len(ids) for ids, _ in samples)
-    out = {"input_ids": torch.zeros(batch, length, dtype=torch.long),
-           "attention_mask": torch.zeros(batch, length, dtype=torch.long),
-           "labels": torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)}
-    for i, (ids, labels) in enumerate(samples):
-        out["input_ids"][i, :len(ids)] = torch.tensor(ids)
-        out["attention_mask"][i, :len(ids)] = 1
-        out["labels"][i, :len(ids)] = torch.tensor(labels)
-    side = model.config.image_size
-    out["pixel_values"] = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(seed))
-    return out
+    return padded_batch(samples, model.config.image_size, seed)
 
 
 def _sync(device: torch.device) -> None:

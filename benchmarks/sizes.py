@@ -88,3 +88,19 @@ def _sample(size: BenchSize, stage: int, rng: random.Random, n_image: int, image
         ids += prompt + answer
         labels += [IGNORE_INDEX] * len(prompt) + answer
     return ids, labels
+
+
+def padded_batch(samples: list[tuple[list[int], list[int]]], image_size: int, seed: int) -> dict:
+    """Right-padded `input_ids` / `attention_mask` / `labels` for (ids, labels) samples, plus
+    seeded random `pixel_values` of one image per sample."""
+    batch, length = len(samples), max(len(ids) for ids, _ in samples)
+    out = {"input_ids": torch.zeros(batch, length, dtype=torch.long),
+           "attention_mask": torch.zeros(batch, length, dtype=torch.long),
+           "labels": torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)}
+    for i, (ids, labels) in enumerate(samples):
+        out["input_ids"][i, :len(ids)] = torch.tensor(ids)
+        out["attention_mask"][i, :len(ids)] = 1
+        out["labels"][i, :len(ids)] = torch.tensor(labels)
+    generator = torch.Generator().manual_seed(seed)
+    out["pixel_values"] = torch.randn(batch, 3, image_size, image_size, generator=generator)
+    return out
