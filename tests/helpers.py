@@ -59,7 +59,7 @@ def losses_by_step(out_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records}
 
 
-def save_sensitive_tiny_model(path: Path) -> Path:
+def save_sensitive_tiny_model(path: Path, preset: str = "tiny") -> Path:
     """Save a tiny model whose answers depend clearly on the image, the question and the history.
 
     At the default init (std 0.02) a random LM answers almost the same whatever it is asked,
@@ -71,7 +71,7 @@ def save_sensitive_tiny_model(path: Path) -> Path:
     from llava_jp.presets.builder import build
 
     torch.manual_seed(0)
-    model, processor = build("tiny", pretrained=False)
+    model, processor = build(preset, pretrained=False)
     with torch.no_grad():
         for weight in model.parameters():
             if weight.dim() >= 2:

@@ -75,24 +75,16 @@ def build_sensitive_model(path: Path) -> Path:
     """A tiny model whose answers depend clearly on the image and the question (random weights
     with std 0.2; at the default std a random LM answers alike whatever it is asked): a
     token-for-token comparison then covers the image path, not only the text."""
-    import torch
     import yaml
 
-    from llava_jp.presets.builder import PRESET_DIR, build
+    from llava_jp.presets.builder import PRESET_DIR
+    from tests.helpers import save_sensitive_tiny_model
 
     preset = yaml.safe_load((PRESET_DIR / "tiny.yaml").read_text(encoding="utf-8"))
     preset["language_model"] = {"name_or_path": None, "config": LLAMA_LM}
     preset_file = path.parent / "tiny-llama.yaml"
     preset_file.write_text(yaml.safe_dump(preset, allow_unicode=True), encoding="utf-8")
-    torch.manual_seed(0)
-    model, processor = build(str(preset_file), pretrained=False)
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.dim() >= 2:
-                weight.normal_(0, 0.2)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return save_sensitive_tiny_model(path, str(preset_file))
 
 
 @pytest.fixture(scope="module")
