@@ -246,12 +246,14 @@ def _image_processor(vision_name: str, size: int) -> SiglipImageProcessor:
     return SiglipImageProcessor(**settings, size={"height": size, "width": size})
 
 
-def _load_tokenizer(path: Path, override: str | None, predecessor: dict):
+def _load_tokenizer(path: Path, override: str | None, predecessor: dict, language_model: str | None = None):
+    """--tokenizer, else the checkpoint's own (stage 2 saves it), else the LM's: a stage-1 folder
+    has none, and the LM the user named for it is the one its tokenizer belongs to."""
     if override:
         return AutoTokenizer.from_pretrained(override)
     if (path / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(path)
-    name = predecessor.get("_name_or_path")
+    name = language_model or predecessor.get("_name_or_path")
     if not name:
         raise UserError(f"{path}: no tokenizer files and no _name_or_path in config.json; pass --tokenizer")
     return AutoTokenizer.from_pretrained(name)
@@ -289,7 +291,7 @@ def convert(
         config = build_config(predecessor, vision_config_for(vision_name), _text_config(predecessor), image_size)
         model = LlavaJpForConditionalGeneration(config).to(torch.float32)
     _load_into(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, expect_all=not stage1)
-    tok = _load_tokenizer(path, tokenizer, predecessor)
+    tok = _load_tokenizer(path, tokenizer, predecessor, language_model)
     _set_generation_tokens(model, tok)
     processor = LlavaJpProcessor(
         image_processor=_image_processor(vision_name, config.image_size),
@@ -311,7 +313,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory for the converted model")
     parser.add_argument("--vision-tower", help="SigLIP directory or hub id (default: the checkpoint's mm_vision_tower)")
     parser.add_argument("--language-model", help="stage-1 checkpoints: the LM (default: the checkpoint's _name_or_path)")
-    parser.add_argument("--tokenizer", help="tokenizer (default: the checkpoint's own, else its _name_or_path)")
+    parser.add_argument("--tokenizer", help="tokenizer (default: the checkpoint's own, else --language-model, else its _name_or_path)")
     parser.add_argument("--image-size", type=int, help="input size (default: tower size / smallest S2 scale, 768 for v1.1)")
 
 
