@@ -43,9 +43,11 @@ def _eos_appending_tokenizer():
 
 
 def write_predecessor_checkpoint(root, weights_format="safetensors"):
-    """A tiny checkpoint in the predecessor's exact layout: a GPT2Config with mm_* fields and
-    `transformer.*`, `lm_head.weight`, `model.vision_tower.vision_tower.vision_model.*`,
-    `model.mm_projector.{0,2}.*` weights. Returns (src dir, local SigLIP dir, reference parts)."""
+    """A tiny checkpoint in the predecessor's key scheme with the tower named as the installed
+    transformers names it (`model.vision_tower.vision_tower.*`, without 4.x's `vision_model.`
+    level since transformers 5.6) and in float32: the other layout the import accepts. The files LLaVA-JP itself wrote are
+    tests/fakes/llava_jp_v1_1.py (tests/test_import_predecessor_checkpoint.py).
+    Returns (src dir, local SigLIP dir, reference parts)."""
     torch.manual_seed(3)
     tok = _eos_appending_tokenizer()
     siglip_dir = root / "siglip"

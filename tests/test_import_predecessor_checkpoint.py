@@ -24,6 +24,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
 from llava_jp.cli import main as cli_main
 from tests.fakes.llava_jp_v1_1 import SYSTEM, write_llava_jp_v1_1
 
@@ -144,8 +145,8 @@ def predecessor(tmp_path_factory):
 
 
 def _compare(out, reference: PredecessorForward, tokenizer_file, image_path, siglip_dir):
-    from llava_jp import LlavaJpForConditionalGeneration, LlavaJpProcessor
-
+    """Our imported model against the reference: same pixels, same prompt ids, logits within
+    1e-4, the same greedy tokens."""
     model = LlavaJpForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
     processor = LlavaJpProcessor.from_pretrained(out)  # the PIL choice must survive save/load
     image = Image.open(image_path)
