@@ -1,4 +1,5 @@
-"""Peak memory of one full-size training step (`llava-jp bench --memory [--stage 1]`).
+"""Peak memory of one full-size training step (`llava-jp bench --memory [--stage 1] [--lora|--qlora]
+[--fake]`).
 
 The step is set up exactly as `llava-jp train --config stage2` (or `stage1`) sets it up, through
 the same `prepare_for_training` (the dtype policy: fp32 master weights for what trains, frozen
@@ -6,7 +7,10 @@ parts stored in the compute dtype; stage 2: 8-bit AdamW with 32-bit state for em
 gradient checkpointing), on `llava-jp-1.3b-s2` with random weights. Stage 2: batch 1 at length
 1532. Stage 1: a caption of `caption_tokens` after the 729 image tokens (~770 tokens), at the
 batch asked for; with `cached_features` the images come as feature-cache rows (the tower does
-not run), as with `feature_cache:`.
+not run), as with `feature_cache:`. Stage 2 with LoRA / QLoRA: as `--lora_enable [--bits 4]`
+sets it up. With `fake`, the step runs under `FakeTensorMode` (benchmarks/fake.py): the same
+live bytes, counted without arithmetic, so recipe-size steps that need 145 GiB or hours of CPU
+are measured in a minute.
 
 Three figures:
 - CUDA: `torch.cuda.max_memory_allocated` (what decides whether a GPU fits).
