@@ -67,8 +67,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
     for label, records in runs:
         steps = [r["step"] for r in records]
-        ax_loss.plot(steps, [r["loss"] for r in records], label=label, linewidth=1.2)
-        ax_lr.plot(steps, [r["lr"] for r in records], label=label, linewidth=1.2)
+        style = dict(label=label, linewidth=1.2, marker="o" if len(steps) < 10 else None)  # a short run stays visible
+        ax_loss.plot(steps, [r["loss"] for r in records], **style)
+        ax_lr.plot(steps, [r["lr"] for r in records], **style)
     ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
     ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
     ax_loss.set_yscale("log")

@@ -12,7 +12,7 @@ For tests it can also
   FSDP drives is a `torch.optim.Optimizer`) and write them to `$LLAVA_JP_STEP_COUNTS.<rank>` at
   exit, so they are compared with the logged steps whatever the trainer itself reports;
 - SIGKILL the whole launch (every rank and the launcher) right after checkpoint `$LLAVA_JP_KILL_AFTER_CHECKPOINT`
-  is complete on every process: a crash at a known point, without racing a fast run.
+  is complete on every process (`tests.fakes.crash`).
 
 DeepSpeed's CPU backend compiles a shared-memory all-reduce used only by inference
 (`inference_all_reduce`); it is marked unavailable here, saving minutes of compilation on a
@@ -26,12 +26,10 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import signal
 import sys
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import psutil  # noqa: E402
 import torch  # noqa: E402
 from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 from accelerate.state import PartialState  # noqa: E402
@@ -78,22 +76,6 @@ def _count_steps(path: str) -> None:
     atexit.register(write)
 
 
-def _kill_after_checkpoint(step: int) -> None:
-    from llava_jp.train import checkpoint as ckpt
-
-    save = ckpt.save_checkpoint
-
-    def save_then_die(output_dir, at, *args, **kwargs):
-        path = save(output_dir, at, *args, **kwargs)  # returns on every process once it is complete
-        if at == step and os.environ.get("RANK", "0") == "0":
-            me, launcher = psutil.Process(), psutil.Process(os.getppid())
-            for process in [*(p for p in launcher.children() if p.pid != me.pid), launcher, me]:
-                process.send_signal(signal.SIGKILL)  # the other ranks, the launcher, this one
-        return path
-
-    ckpt.save_checkpoint = save_then_die
-
-
 def _skip_inference_shm_op() -> None:
     import deepspeed.ops
 
@@ -107,7 +89,9 @@ if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
 if os.environ.get("LLAVA_JP_STEP_COUNTS"):
     _count_steps(os.environ["LLAVA_JP_STEP_COUNTS"])
 if os.environ.get("LLAVA_JP_KILL_AFTER_CHECKPOINT"):
-    _kill_after_checkpoint(int(os.environ["LLAVA_JP_KILL_AFTER_CHECKPOINT"]))
+    from tests.fakes.crash import kill_after_checkpoint
+
+    kill_after_checkpoint(int(os.environ["LLAVA_JP_KILL_AFTER_CHECKPOINT"]), launched=True)
 
 if __name__ == "__main__":
     from llava_jp.cli import main
