@@ -14,6 +14,8 @@ model) is never computed.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -142,3 +144,15 @@ def renew_copied_parameters(model: torch.nn.Module) -> int:
             module._parameters[name] = torch.nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad)
             renewed += 1
     return renewed
+
+
+@contextmanager
+def eager_masks():
+    """transformers builds attention masks another way when it sees fake tensors (its `torch.compile`
+    path materialises the causal mask); under fake mode, let it take the path a real run takes."""
+    from unittest import mock
+
+    from transformers import masking_utils
+
+    with mock.patch.object(masking_utils, "is_tracing", lambda tensor=None: False):
+        yield

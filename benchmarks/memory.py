@@ -28,7 +28,7 @@ import random
 import resource
 import time
 import weakref
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -101,11 +101,12 @@ def quantize_language_model(model: LlavaJpForConditionalGeneration, quantization
     """The LM's linear layers in bitsandbytes 4-bit, in memory, by the code `from_pretrained(...,
     quantization_config=)` runs when the trainer loads a QLoRA base (`lora.quantization_config`):
     transformers' bnb quantizer swaps the layers, its `Bnb4bitQuantize` quantizes each weight.
-    `tests/test_bench.py` checks the result has the tensors of the trainer's loaded model.
+    `tests/test_bench_memory.py` checks the result has the tensors of the trainer's loaded model.
 
     `fake`: bitsandbytes' `Params4bit` cannot wrap a fake tensor, so each layer gets a real random
     weight (one layer's fp32 weight at a time), quantized for real: the 4-bit base is real
-    memory, counted like the fake tensors, and fake mode converts it where the step reads it."""
+    memory, counted like the fake tensors; fake mode reads it through fake copies, counted as
+    the real storage (`TensorMemory` aliases)."""
     from torch.utils._python_dispatch import _disable_current_modes
     from transformers.integrations.bitsandbytes import Bnb4bitQuantize
     from transformers.quantizers import AutoHfQuantizer
@@ -142,18 +143,6 @@ def _quant_state_tensors(model) -> list[torch.Tensor]:
     return found
 
 
-@contextmanager
-def eager_masks():
-    """transformers builds attention masks another way when it sees fake tensors (its `torch.compile`
-    path materialises the causal mask); under fake mode, let it take the path a real run takes."""
-    from unittest import mock
-
-    from transformers import masking_utils
-
-    with mock.patch.object(masking_utils, "is_tracing", lambda tensor=None: False):
-        yield
-
-
 def memory_step(device: torch.device, precision: str, seq_len: int = 1532,
                 preset_name: str = "llava-jp-1.3b-s2", stage: int = 2, batch: int | None = None,
                 gradient_checkpointing: bool | None = None, cached_features: bool = False,
@@ -167,7 +156,7 @@ def memory_step(device: torch.device, precision: str, seq_len: int = 1532,
     `mixed_precision: no`), so its figures bound the bf16 run's from above.
     `fake`: the same step under `FakeTensorMode` (benchmarks/fake.py): no arithmetic, so a step
     of any size runs in seconds in little memory, with bf16 autocast on a CPU too; the live
-    tensor figures are the real run's (`tests/test_bench.py` compares the two), the RSS figures
+    tensor figures are the real run's (`tests/test_bench_memory.py` compares the two), the RSS figures
     mean nothing.
     `gradient_checkpointing` None: as the stage's recipe config says. `lm_layers`: build the LM
     with this many layers (full width). `adapters` ("lora" or "qlora", stage 2): the LoRA step
@@ -176,7 +165,7 @@ def memory_step(device: torch.device, precision: str, seq_len: int = 1532,
     transformers' bitsandbytes code). Batch: stage 1 32, stage 2 1 unless given.
     Run it in a fresh process: the RSS peak is the process's.
     """
-    from benchmarks.fake import KnownValues, fake_mode
+    from benchmarks.fake import KnownValues, eager_masks, fake_mode
 
     if not fake:
         return _memory_step(device, precision, seq_len, preset_name, stage, batch, gradient_checkpointing,
