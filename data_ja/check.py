@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from .conversation import (DEFAULT_MIN_JAPANESE_SHARE, image_paths, japanese_share,
                            sample_text, validate_sample)
-from .records import load_records, write_json
+from .records import load_records
+from llava_jp.files import write_json
 
 ERRORS = ("malformed_sample", "empty_turn", "bad_role", "bad_turn_order", "image_tag_mismatch",
           "missing_image", "corrupt_image", "too_long", "trainer_rejects")
@@ -227,7 +228,7 @@ def write_reports(data: str, samples: list, issues: list[Issue], lengths: list[i
         "token_lengths": _length_stats(lengths, max_length),
         "issues": listed,
     }
-    write_json(report, out / "report.json")
+    write_json(out / "report.json", report)
     (out / "summary.md").write_text(_summary_markdown(report), encoding="utf-8")
     if lengths:
         _plot_lengths(lengths, max_length, out / "length_hist.png")

@@ -15,12 +15,14 @@ import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tqdm import tqdm
 
 from .conversation import (DEFAULT_MIN_JAPANESE_SHARE, IMAGE_TAG, LLAVA_ROLE, japanese_share,
                            normalize_conversation, sample_text, validate_sample)
-from .records import JsonListWriter, iter_records, write_json
+from .records import JsonListWriter, iter_records
+from llava_jp.files import write_json
 
 # What machine translation makes of "<image>": full-width brackets, spaces, translated words.
 _IMAGE_TAG_VARIANT = re.compile(r"[<＜]\s*(?:image|画像|イメージ)\s*[>＞]", re.IGNORECASE)
@@ -171,6 +173,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     report = convert(args.source, args.out, args.split, args.id_prefix, args.min_japanese_share)
-    write_json(report.as_dict(), args.report or f"{args.out}.report.json")
+    write_json(Path(args.report or f"{args.out}.report.json"), report.as_dict())
     print(json.dumps(report.as_dict(), ensure_ascii=False, indent=2), file=sys.stderr)
     return 0

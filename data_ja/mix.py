@@ -28,7 +28,8 @@ from pathlib import Path
 
 from llava_jp.errors import UserError, read_yaml
 
-from .records import JsonListWriter, load_records, write_json
+from .records import JsonListWriter, load_records
+from llava_jp.files import write_json
 
 _MODES = ("first", "random", "percent")
 
@@ -154,7 +155,7 @@ def build_mixture(config_path: str, out: str, manifest_path: str) -> dict:
                 "source_rows": _compact(chosen), "sha256": _sha256(source.path)})
     manifest = {"config": str(config_path), "output": str(out), "total": writer.count,
                 "sources": entries}
-    write_json(manifest, manifest_path)
+    write_json(Path(manifest_path), manifest)
     return manifest
 
 

@@ -91,12 +91,3 @@ class JsonListWriter:
             os.replace(self._tmp, self.path)
         else:
             os.unlink(self._tmp)
-
-
-def write_json(obj, path: str | os.PathLike) -> None:
-    """Writes `obj` as indented UTF-8 JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

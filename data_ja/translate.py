@@ -27,7 +27,8 @@ from typing import Iterable, Protocol
 from tqdm import tqdm
 
 from .conversation import DEFAULT_MIN_JAPANESE_SHARE, IMAGE_TAG, japanese_share, numbers_in
-from .records import JsonListWriter, load_records, write_json
+from .records import JsonListWriter, load_records
+from llava_jp.files import write_json
 
 _PROTECTED = re.compile("|".join([
     r"```.*?```",                                                  # fenced code
@@ -261,7 +262,7 @@ def translate_dataset(source: str, out: str, backend: Backend, cache_path: str,
         "texts_failed": len(failures),
         "failure_reasons": dict(Counter(f.reason.split(":")[0] for f in failures.values())),
     }
-    write_json({**report, "items": items}, failed_path)
+    write_json(Path(failed_path), {**report, "items": items})
     return report
 
 

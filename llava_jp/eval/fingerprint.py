@@ -13,6 +13,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from llava_jp.files import write_json
+
 FINGERPRINT_FILE = "model.json"
 MODEL_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".model", ".txt", ".py")
 EVAL_FILES = (FINGERPRINT_FILE, "scores.json")  # when --out is the model folder itself
@@ -76,7 +78,4 @@ def claim_out_dir(out_dir: Path, fingerprint: dict) -> None:
     if predictions.is_dir() and any(predictions.iterdir()):
         raise OtherModelsOutput(f"--out {out_dir} holds predictions of an unrecorded model (no {FINGERPRINT_FILE}); "
                                 f"use another --out, or delete {predictions} to start over")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps(fingerprint, ensure_ascii=False, indent=2), encoding="utf-8")
-    tmp.replace(record)
+    write_json(record, fingerprint)

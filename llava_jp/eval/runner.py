@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from llava_jp.eval.judge import HERON_STYLES, JudgeClient, Judgment, judge_heron
 from llava_jp.eval.report import write_report
 from llava_jp.eval.rouge import PROTOCOLS, aggregate_rouge_l, rouge_l_scores
 from llava_jp.eval.tasks import DEFAULT_TASKS, TASKS, EvalTask, load_own_data, load_task
+from llava_jp.files import write_text
 
 GenerateFn = Callable[[list[Image.Image], list[str]], list[str]]
 logger = logging.getLogger(__name__)
@@ -163,13 +163,6 @@ def score_task(
     return summary, details
 
 
-def _write_details(path: Path, details: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in details), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run_eval(
     tasks: Sequence[str | EvalTask],
     generate_fn: GenerateFn,
@@ -216,7 +209,7 @@ def run_eval(
         summary, details = score_task(task, predictions, protocol, judge, heron_style, llm_judge_rouge)
         if generation is not None:
             summary["generation"] = dict(generation)
-        _write_details(out_dir / "details" / f"{task.name}.jsonl", details)
+        write_text(out_dir / "details" / f"{task.name}.jsonl", "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in details))
         scores["tasks"][task.name] = summary
     write_report(scores, out_dir)
     return scores

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from llava_jp.files import replace_atomically
 from llava_jp.infer.load import parse_dtype, save_model
 from llava_jp.train import strategy
 
@@ -211,19 +212,10 @@ def load_checkpoint(path: Path, accelerator, model, scheduler) -> dict:
 
 # -- final output --------------------------------------------------------------------------------
 def atomic_write(final: Path, write) -> None:
-    """`write(tmp)`, then rename tmp to `final`; a failed write leaves `final` as it was."""
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """`llava_jp.files.replace_atomically`, with a failed write (a full disk) told as what to do next."""
     try:
-        write(tmp)
-        if final.is_dir():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_atomically(final, write)
     except OSError as err:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
         intact = complete_checkpoints(final.parent)
         kept = f"the newest complete checkpoint is {intact[-1]}" if intact else "there is no checkpoint"
         raise CheckpointError(f"could not write {final} ({err}); {kept}. Free space and rerun with --resume "
@@ -260,7 +252,3 @@ def save_result(model, processor, cfg, state_dict: dict) -> Path:
     return out / MODEL_SUBDIR
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
-    os.replace(tmp, path)

@@ -46,7 +46,7 @@ def log_history(records: list[dict]) -> list[dict]:
 
 def write_history(run_dir: str | Path, total_steps: int) -> Path:
     """`trainer_state.json` in `run_dir`, from its log."""
-    from llava_jp.train.checkpoint import write_json
+    from llava_jp.files import write_json
 
     records = read_log(run_dir)
     state = {"global_step": records[-1]["step"] if records else 0, "max_steps": total_steps,

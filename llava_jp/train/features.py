@@ -28,11 +28,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from llava_jp.files import write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +74,6 @@ def file_stamp(path: Path) -> list[int] | None:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class FeatureCache:
     """One model's cached vision features: look up, load (memory-mapped) and append images."""
 
@@ -98,7 +90,7 @@ class FeatureCache:
                 raise ValueError(f"{meta_path}: describes {found}, expected {meta}; delete the directory to rebuild it")
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
-            _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+            write_bytes(meta_path, json.dumps(meta, indent=1).encode(), fsync=True)
         self.index: dict[str, list[int]] = {}  # image -> [shard, row, file size, file mtime_ns]
         self._shard_count = 0
         for listing in sorted(self.dir.glob("shard-*.json")):
@@ -162,9 +154,9 @@ class FeatureCache:
                              f"(n, {self.tokens}, {self.width})")
         number = self._shard_count
         data = features.detach().to("cpu", STORAGE_DTYPE).contiguous().view(torch.int16).numpy()
-        _write_atomic(self.dir / f"shard-{number:05d}.bin", data.tobytes())
+        write_bytes(self.dir / f"shard-{number:05d}.bin", data.tobytes(), fsync=True)
         listing = [[image, *stamp] for image, stamp in zip(images, stamps)]
-        _write_atomic(self.dir / f"shard-{number:05d}.json", json.dumps(listing, ensure_ascii=False).encode())
+        write_bytes(self.dir / f"shard-{number:05d}.json", json.dumps(listing, ensure_ascii=False).encode(), fsync=True)
         for row, (image, *stamp) in enumerate(listing):
             self.index[image] = [number, row, *stamp]
         self._shard_count = number + 1
@@ -178,7 +170,7 @@ class FeatureCache:
                 self.faults.pop(image, None)
             else:
                 self.faults[image] = fault
-        _write_atomic(self.dir / "faults.json", json.dumps(self.faults, ensure_ascii=False).encode())
+        write_bytes(self.dir / "faults.json", json.dumps(self.faults, ensure_ascii=False).encode(), fsync=True)
 
 
 def fill(cache: FeatureCache, model, processor, images: list[str], image_folder: str | Path | None,

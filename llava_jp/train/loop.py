@@ -38,7 +38,8 @@ from llava_jp.errors import UserError, closest, existing_dir, existing_file, loa
 from llava_jp.train import curves, lora
 from llava_jp.train import checkpoint as ckpt
 from llava_jp.train import strategy
-from llava_jp.train.checkpoint import save_result, write_json
+from llava_jp.files import write_json
+from llava_jp.train.checkpoint import save_result
 from llava_jp.train.config import TrainConfig, parse_args
 from llava_jp.train.data import Collator, DataError, encode_dataset, grouped_batches, load_records, make_loader
 from llava_jp.train.optim import build_optimizer, prepare_for_training
