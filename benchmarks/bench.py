@@ -14,8 +14,9 @@ before timing (proof of equal work).
 Sizes keep llm-jp's proportions (MISSION.md): vocabulary 50688, 729 image tokens per image,
 stage-1 captions of 30-60 tokens, stage-2 conversations of a few hundred tokens, an LM whose
 width/depth ratio is llm-jp-1.3b's (2048 / 24). `--size full` is the `llava-jp-1.3b-s2` preset
-itself (random weights). `--memory` measures the peak memory of one full-size stage-2 training
-step set up exactly as `llava-jp train` sets it up.
+itself (random weights). `--memory` measures the peak memory of one full-size training step
+(stage 1 or 2; full, LoRA or QLoRA) set up exactly as `llava-jp train` sets it up, for real or,
+with `--fake`, under fake tensors (benchmarks/memory.py).
 """
 
 from __future__ import annotations
@@ -500,19 +501,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory", action="store_true",
                         help="peak memory of one full-size training step instead (stage 2: batch 1, length 1532)")
     parser.add_argument("--stage", type=int, choices=(1, 2), default=2, help="--memory: which stage's step")
-    parser.add_argument("--batch", type=int, default=32, help="--memory --stage 1: batch (recipe: 32)")
+    parser.add_argument("--batch", type=int, help="--memory: batch (default: stage 1 32, stage 2 1)")
+    parser.add_argument("--fake", action="store_true",
+                        help="--memory: run the step under torch's FakeTensorMode (no arithmetic: any size in seconds, "
+                             "bf16 on a CPU too); the live-tensor figures equal a real run's, the RSS figures mean nothing")
+    parser.add_argument("--lora", dest="adapters", action="store_const", const="lora",
+                        help="--memory --stage 2: the LoRA step (adapters on the LM, projector trained, LM frozen)")
+    parser.add_argument("--qlora", dest="adapters", action="store_const", const="qlora",
+                        help="--memory --stage 2: the QLoRA step (LoRA over a bitsandbytes 4-bit NF4 LM)")
+    parser.add_argument("--lora-r", type=int, default=128, help="--lora/--qlora: rank (lora_alpha = 2 x rank; default 128)")
     parser.add_argument("--checkpointing", choices=("recipe", "on", "off"), default="recipe",
                         help="--memory: gradient checkpointing as the stage's recipe config says, or forced")
     parser.add_argument("--cached-features", action="store_true",
                         help="--memory --stage 1: images as feature-cache rows (the tower does not run)")
-    parser.add_argument("--lm-layers", type=int, help="--memory: LM depth (full width) for depth extrapolation")
+    parser.add_argument("--lm-layers", type=int, help="--memory: LM depth (full width)")
     parser.add_argument("--loader", action="store_true",
                         help="images/s of the training collator per DataLoader worker (768 px, COCO-sized JPEGs) "
                              "against the samples/s a full-size step consumes on an H200 at 40%% MFU")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
                         help="with --loader: DataLoader worker counts to time (default 0 1 2)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="auto: bf16 autocast on CUDA, fp32 on CPU")
+                        help="auto: bf16 autocast on CUDA and with --fake, fp32 on CPU")
     parser.add_argument("--repeats", type=int, help="timed rounds (default: 5, or 3 at full size)")
     parser.add_argument("--warmup", type=int, help="untimed rounds first (default 1)")
     parser.add_argument("--threads", nargs="+", default=None, metavar="N|all",
@@ -549,7 +558,10 @@ def thread_counts(values: list[str]) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if getattr(args, "fake", False):  # fake tensors live on the CPU; nothing is computed, so bf16 costs nothing
+        device = torch.device("cpu")
+    precision = args.precision if args.precision != "auto" else (
+        "bf16" if device.type == "cuda" or getattr(args, "fake", False) else "fp32")
     try:
         threads = thread_counts(args.threads or (["1", "all"] if device.type == "cpu" and not (args.memory or args.loader)
                                                  else ["all"]))
@@ -567,11 +579,20 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(threads[0])
         checkpointing = {"recipe": None, "on": True, "off": False}[args.checkpointing]
+        if args.adapters and args.stage != 2:
+            print("error: --lora/--qlora: adapters train stage 2; drop --stage 1", file=sys.stderr)
+            return 2
+        if args.batch is not None and args.batch < 1:
+            print(f"error: --batch: must be >= 1, got {args.batch}", file=sys.stderr)
+            return 2
         report = memory_step(device, precision, stage=args.stage, batch=args.batch, gradient_checkpointing=checkpointing,
-                             cached_features=args.cached_features, lm_layers=args.lm_layers)
+                             cached_features=args.cached_features, lm_layers=args.lm_layers, fake=args.fake,
+                             adapters=args.adapters, lora_r=args.lora_r)
+        kind = {None: "", "lora": f", LoRA r={args.lora_r}", "qlora": f", QLoRA r={args.lora_r}"}[args.adapters]
         log(f"full-size stage-{args.stage} step ({precision}, batch {report['batch']}, length {report['seq_len']}, "
-            f"{report['lm_layers']} LM layers, checkpointing {report['gradient_checkpointing']}): peak tensor memory "
-            f"{report['peak_tensor_gib']:.2f} GiB, peak RSS {report['peak_rss_gib']:.2f} GiB"
+            f"{report['lm_layers']} LM layers, checkpointing {report['gradient_checkpointing']}{kind}"
+            f"{', fake tensors' if args.fake else ''}): peak tensor memory {report['peak_tensor_gib']:.2f} GiB"
+            + ("" if args.fake else f", peak RSS {report['peak_rss_gib']:.2f} GiB")
             + (f", CUDA peak allocated {report['peak_allocated_gib']:.2f} GiB" if "peak_allocated_gib" in report else ""))
     else:
         size = bench_size(args.size)

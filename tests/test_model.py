@@ -313,3 +313,47 @@ def test_what_vllms_transformers_backend_needs_from_the_model(tiny):
     assert base.config.vision_config.vision_use_head is False
     features = model.get_image_features(processor(text=["何色？"], images=[RED])["pixel_values"])
     assert features.shape == (1, model.num_image_tokens, model.config.text_config.hidden_size)
+
+
+def test_vllm_skips_none_of_our_weights_when_it_loads_a_gpt2_lm(tiny):
+    """vLLM's Transformers backend drops every checkpoint weight that one of the model's
+    `_keys_to_ignore_on_load_unexpected` `search`es (vllm/model_executor/models/transformers/base.py,
+    WeightsMapper); GPT-2's own "attn.bias" matched every c_attn.bias."""
+    import re
+
+    from transformers import AutoModel
+
+    model, _ = tiny
+    base = AutoModel.from_config(model.config)
+    patterns = [re.compile(p) for p in base._keys_to_ignore_on_load_unexpected]
+    assert [n for n in base.state_dict() if any(p.search(n) for p in patterns)] == []
+    # what the patterns are for in transformers still holds: GPT-2's old mask buffers are unexpected, silently
+    assert any(p.search("language_model.transformer.h.0.attn.bias") for p in patterns)
+
+
+def test_gpt2_lm_gives_the_same_hidden_states_under_vllms_attention_output_shape(tiny, monkeypatch):
+    """vLLM's attention (vllm_attention_forward, batch 1) returns (tokens, heads * head_dim), not
+    transformers' (batch, seq, heads, head_dim); GPT-2 flattened that to one vector."""
+    import copy
+
+    import torch.nn.functional as F
+    from transformers import AutoModel
+    from transformers.modeling_utils import AttentionInterface
+
+    def vllm_shaped_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+        return out.transpose(1, 2).reshape(query.shape[-2], -1), None
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "vllm-shaped", vllm_shaped_attention)
+    model, processor = tiny
+    reference = AutoModel.from_config(model.config).eval()
+    reference.load_state_dict(model.state_dict())
+    config = copy.deepcopy(model.config)
+    config.text_config._attn_implementation = "vllm-shaped"  # what vLLM's Transformers backend does
+    served = AutoModel.from_config(config).eval()
+    served.load_state_dict(model.state_dict())
+    batch = processor(text=["何色？"], images=[RED])
+    with torch.no_grad():
+        expected = reference(**batch).last_hidden_state
+        got = served(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).last_hidden_state
+    torch.testing.assert_close(got, expected)

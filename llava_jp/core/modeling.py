@@ -18,6 +18,7 @@ from .configuration import LlavaJpConfig
 from .projector import build_projector, merged_tokens, pixel_shuffle
 from .templates import add_image_token
 from .vision import IMAGE_FEATURES, feature_width, is_trainable, tokens_per_image, unused_parameters
+from .vllm_compat import servable_language_model, sparing_ignore_patterns
 
 IGNORE_INDEX = -100
 # transformers >= 5.24 calls the KV cache `cache`, earlier 5.x `past_key_values`; we pass on
@@ -65,8 +66,10 @@ class LlavaJpPreTrainedModel(PreTrainedModel):
         )
         if language_model is None:
             language_model = AutoModelForCausalLM.from_config(config.text_config)
-        self.language_model = language_model
+        self.language_model = servable_language_model(language_model)
         self.post_init()
+        self._keys_to_ignore_on_load_unexpected = sparing_ignore_patterns(
+            self._keys_to_ignore_on_load_unexpected, list(self.state_dict()))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

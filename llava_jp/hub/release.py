@@ -45,7 +45,8 @@ AUTO_MAP = {
     "AutoProcessor": "processing.LlavaJpProcessor",
 }
 # every module of llava_jp/core/ but its __init__: what transformers copies next to the weights
-REMOTE_CODE = ("configuration.py", "modeling.py", "processing.py", "projector.py", "templates.py", "vision.py")
+REMOTE_CODE = ("configuration.py", "modeling.py", "processing.py", "projector.py", "templates.py", "vision.py",
+               "vllm_compat.py")
 PROBE_QUESTION = "この画像について説明してください。"
 
 

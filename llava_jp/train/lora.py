@@ -18,7 +18,8 @@ import torch
 ADAPTER_SUBDIR = "adapter"  # stage 2's output with LoRA (without lora_merge)
 ADAPTER_CONFIG = "adapter_config.json"
 PROJECTOR = "multi_modal_projector"
-_LINEAR_CLASSES = ("Linear", "Conv1D", "Linear4bit")
+# AttentionOutputProjection: GPT-2's attn.c_proj as our model holds it, a Conv1D (core/vllm_compat.py)
+_LINEAR_CLASSES = ("Linear", "Conv1D", "AttentionOutputProjection", "Linear4bit")
 
 
 def quantization_config(cfg):
