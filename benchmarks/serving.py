@@ -30,7 +30,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_server(release: Path, vllm_python: str, log: Path) -> tuple[subprocess.Popen, str, float]:
+class ServerDidNotStart(RuntimeError):
+    """The engine exited or missed its deadline before answering; the message ends with its log."""
+
+
+def start_server(release: Path, vllm_python: str, log: Path, env: dict | None = None,
+                 timeout_s: float | None = None) -> tuple[subprocess.Popen, str, float]:
+    """`llava-jp serve` on a free loopback port; returns (process, base url, seconds to the first answer)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -38,15 +44,18 @@ def start_server(release: Path, vllm_python: str, log: Path) -> tuple[subprocess
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "llava_jp.cli", "serve", "--model", str(release), "--port", str(port),
                                  "--served-model-name", "llava-jp", "--vllm-python", vllm_python, "--", "--max-num-seqs", "16"],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}/v1"
     while True:
         try:
             urllib.request.urlopen(url + "/models", timeout=2).read()
             return proc, url, time.perf_counter() - started
         except OSError:
-            if proc.poll() is not None:
-                raise SystemExit("vLLM did not start:\n" + log.read_text()[-3000:])
+            late = timeout_s is not None and time.perf_counter() - started > timeout_s
+            if proc.poll() is not None or late:
+                if late:
+                    stop_server(proc)
+                raise ServerDidNotStart("vLLM did not start:\n" + log.read_text()[-4000:]) from None
             time.sleep(0.5)
 
 
@@ -112,7 +121,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows = json.loads(data["test"].read_text(encoding="utf-8"))[: args.requests]
     items = [{"image": str(data["images"] / r["image"]), "question": r["question"]} for r in rows]
 
-    proc, url, start_s = start_server(args.release, args.vllm_python, work / "server.log")
+    try:
+        proc, url, start_s = start_server(args.release, args.vllm_python, work / "server.log")
+    except ServerDidNotStart as err:
+        raise SystemExit(str(err)) from None
     try:
         vllm = {1: vllm_tokens_per_s(url, items, args.tokens, 1), 16: vllm_tokens_per_s(url, items, args.tokens, 16)}
     finally:

@@ -13,12 +13,9 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -116,36 +113,19 @@ GPT2_ONLY = pytest.mark.parametrize("workspace", ["gpt2"], indirect=True)
 @pytest.fixture(scope="module")
 def server(workspace, tmp_path_factory):
     """`llava-jp serve` on a free loopback port (one per model); the engine start time is printed."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from benchmarks.serving import ServerDidNotStart, start_server, stop_server
+
     log = tmp_path_factory.mktemp("vllm_log") / "server.log"
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path_factory.mktemp("hf_modules"))}
-    started = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "llava_jp.cli", "serve", "--model", str(workspace["release"]),
-                                 "--port", str(port), "--served-model-name", "llava-jp", "--vllm-python", VLLM_PYTHON,
-                                 "--", "--max-num-seqs", "16"],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/v1"
     try:
-        while True:
-            try:
-                urllib.request.urlopen(url + "/models", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.perf_counter() - started > START_TIMEOUT_S:
-                    pytest.fail("vLLM did not start:\n" + log.read_text()[-4000:])
-                time.sleep(1)
-        print(f"vLLM engine start: {time.perf_counter() - started:.1f} s")
+        proc, url, start_s = start_server(workspace["release"], VLLM_PYTHON, log, env=env, timeout_s=START_TIMEOUT_S)
+    except ServerDidNotStart as err:
+        pytest.fail(str(err))
+    print(f"vLLM engine start: {start_s:.1f} s")
+    try:
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(proc)
 
 
 def image_url(path: str) -> str:
