@@ -9,7 +9,7 @@ from tests.fakes.eval_data import tiny_image
 
 
 @dataclass
-class GenerationConfig:  # the harness's dataclass, same fields and defaults
+class GenerationConfig:  # the harness's fields (scripts/eval_mm_harness.py); max_new_tokens 256 here, as these tests assert
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
