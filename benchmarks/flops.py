@@ -15,7 +15,7 @@ What each stage does per sample (our model, as `llava-jp train` runs it):
 - vision tower: forward only (frozen), up to the feature layer, once per S2 crop;
 - projector: forward + input and weight gradients (trains in both stages; its input needs no gradient);
 - LM: stage 1 forward + input gradients (frozen, the gradient reaches the projector through it);
-  stage 2 forward + both gradients;
+  stage 2 forward + both gradients (with LoRA, as stage 1: the adapters' own work is left out);
 - LM head: only at supervised positions (forward; in stage 2 both gradients, in stage 1 input
   gradients).
 """
@@ -71,9 +71,14 @@ def model_for_counting(config) -> LlavaJpForConditionalGeneration:
         return LlavaJpForConditionalGeneration(config)
 
 
-def sample_flops(model: LlavaJpForConditionalGeneration, stage: int, shape: SampleShape | None = None) -> dict:
-    """Model FLOPs of one training sample in `stage`, by part (forward + backward as the stage runs them)."""
+def sample_flops(model: LlavaJpForConditionalGeneration, stage: int, shape: SampleShape | None = None,
+                 lm_trains: bool | None = None) -> dict:
+    """Model FLOPs of one training sample in `stage`, by part (forward + backward as the stage runs them).
+
+    `lm_trains`: whether the LM's weights get gradients (default: in stage 2); False for stage 2
+    with LoRA, whose frozen base pays forward + input gradients as in stage 1."""
     shape = shape or STAGE_SHAPES[stage]
+    lm_trains = stage == 2 if lm_trains is None else lm_trains
     config = model.config
     tower = model.vision_tower
     crops = sum((s // (config.s2_split_size or min(config.s2_scales))) ** 2 for s in config.s2_scales) \
@@ -97,7 +102,7 @@ def sample_flops(model: LlavaJpForConditionalGeneration, stage: int, shape: Samp
     blocks = _matrix_elements(lm.base_model)
     lm_fwd = 2 * shape.tokens * blocks + lm.config.num_hidden_layers * 4 * shape.tokens * shape.tokens * d
     head_fwd = 2 * shape.supervised * head.weight.numel()
-    lm_passes = 2 if stage == 1 else 3  # frozen: forward + input gradients; trained: + weight gradients
+    lm_passes = 3 if lm_trains else 2  # frozen: forward + input gradients; trained: + weight gradients
     parts = {
         "vision_tower": tower_fwd,
         # forward + weight gradients of every layer + input gradients of all but the first

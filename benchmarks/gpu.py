@@ -2,11 +2,13 @@
 
 On a CUDA machine, in well under 8 minutes, for `llava-jp-1.3b-s2` with random weights (no
 download): stage-1 and stage-2 training steps at the recipe's per-device batch (tokens/s,
-samples/s, MFU, peak memory), and greedy decoding after an image prompt (time to first token,
-decode tokens/s). Each stage is set up by the trainer's own `prepare_for_training` and
+samples/s, MFU, peak memory), stage 2 with LoRA and QLoRA, both stages with 2x2 pixel-shuffle
+token compression, and greedy decoding after an image prompt (time to first token, decode
+tokens/s). Each stage is set up by the trainer's own `prepare_for_training`, `add_adapters` and
 `build_optimizer` from the bundled `stage1` / `stage2` configs, so the figures follow the
 recipe's dtype policy, optimizer and activation checkpointing as they are in this checkout.
-Everything goes into one JSON file (and stdout).
+Everything goes into one JSON file (and stdout); a variant that fails is recorded with its
+error and the others still run (the exit status is then 1).
 
 MFU = model FLOPs (`benchmarks/flops.py`: what the stage computes per sample, recomputation
 excluded) x samples/s / the GPU's bf16 dense peak (known GPUs, or `--peak-tflops`).
@@ -18,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import platform
 import random
 import statistics
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,8 +46,18 @@ PRESETS = {"full": "llava-jp-1.3b-s2", "tiny": "tiny"}
 GIB = 2**30
 
 
-def _config(size: str):
+# LLaVA's LoRA recipe (finetune_lora.sh: r 128, alpha 256), as the memory bench measures it
+LORA_R = 128
+# name -> (stage, adapters, projector_pixel_shuffle)
+VARIANTS = {
+    "stage1": (1, None, 1), "stage2": (2, None, 1), "stage2_lora": (2, "lora", 1), "stage2_qlora": (2, "qlora", 1),
+    "stage1_pixel_shuffle2": (1, None, 2), "stage2_pixel_shuffle2": (2, None, 2),
+}
+
+
+def _config(size: str, pixel_shuffle: int = 1):
     preset = load_preset(PRESETS[size])
+    preset.projector_pixel_shuffle = pixel_shuffle
     tokenizer = load_tokenizer(preset.tokenizer) if preset.tokenizer in BUILTIN_TOKENIZERS else None
     return build_config(preset, pretrained=False, tokenizer=tokenizer)
 
@@ -55,9 +69,15 @@ def _model(config, device: torch.device) -> LlavaJpForConditionalGeneration:
     return model
 
 
-def _train_config(stage: int, size: str, device: torch.device, overrides: list[str]) -> TrainConfig:
-    """The bundled recipe config of `stage`; at tiny size or on CPU, a batch of 2 in fp32."""
-    cfg = load_config(f"stage{stage}", overrides, preset=PRESETS[size], data_path="unused")
+def _train_config(stage: int, size: str, device: torch.device, overrides: list[str],
+                  adapters: str | None = None) -> TrainConfig:
+    """The bundled recipe config of `stage` (with `adapters`: as `--lora_enable [--bits 4]
+    --lora_r 128 --lora_alpha 256` sets it); at tiny size or on CPU, a batch of 2 in fp32."""
+    keys = {"preset": PRESETS[size]}
+    if adapters:  # LoRA starts from a saved model; `model` only names it here (the weights are built in place)
+        keys = {"model": PRESETS[size], "preset": None, "lora": True, "bits": 4 if adapters == "qlora" else 16,
+                "lora_r": LORA_R, "lora_alpha": 2 * LORA_R}
+    cfg = load_config(f"stage{stage}", overrides, data_path="unused", **keys)
     if device.type != "cuda":  # a CPU has no bf16 matrix units worth timing, and little memory
         cfg = dataclasses.replace(cfg, mixed_precision="no", per_device_batch_size=2)
     if cfg.optimizer == "adamw_8bit" and device.type != "cuda":
@@ -85,15 +105,32 @@ def _dtypes(model: LlavaJpForConditionalGeneration) -> dict:
 
 
 def measure_stage(stage: int, size: str, device: torch.device, warmup: int, steps: int, peak: float | None,
-                  overrides: list[str], deadline: float) -> dict:
+                  overrides: list[str], deadline: float, adapters: str | None = None,
+                  pixel_shuffle: int = 1) -> dict:
     """`warmup` + `steps` optimizer steps of `stage` as `llava-jp train` runs them, one micro-batch each."""
-    cfg = _train_config(stage, size, device, overrides)
+    from benchmarks.memory import quantize_language_model
+    from llava_jp.train import lora
+
+    cfg = _train_config(stage, size, device, overrides, adapters)
     torch.manual_seed(0)
-    model = _model(_config(size), device)
+    model = _model(_config(size, pixel_shuffle), device)
+    n = cfg.per_device_batch_size
+    batch = {k: v.to(device) for k, v in make_batch(model, stage, n, size, seed=stage).items()}
+    tokens = int(batch["attention_mask"].sum())
+    supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    # counted on the plain model: with adapters the LM base is frozen (forward + input gradients, as
+    # in stage 1); the adapters' own matrices are added below (forward + both gradients)
+    flops = sample_flops(model, stage, SampleShape(tokens=round(tokens / n), supervised=round(supervised / n)),
+                         lm_trains=stage == 2 and not adapters)["flops"] * n
+    if adapters == "qlora":
+        quantize_language_model(model, lora.quantization_config(cfg))
     prepare_for_training(model, cfg)
+    if adapters:
+        model = lora.add_adapters(model, cfg)
+        adapter_elements = sum(p.numel() for name, p in model.named_parameters() if ".lora_" in name)
+        flops += 3 * 2 * tokens * adapter_elements
     model.to(device).train()
     optimizer = build_optimizer(model, cfg)
-    batch = {k: v.to(device) for k, v in make_batch(model, stage, cfg.per_device_batch_size, size, seed=stage).items()}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.mixed_precision == "bf16" else nullcontext()
     trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -120,12 +157,9 @@ def measure_stage(stage: int, size: str, device: torch.device, warmup: int, step
         if time.perf_counter() > deadline:
             break
     step_s = statistics.median(times)
-    n = cfg.per_device_batch_size
-    tokens = int(batch["attention_mask"].sum())
-    supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    flops = sample_flops(model, stage, SampleShape(tokens=round(tokens / n), supervised=round(supervised / n)))["flops"] * n
     result = {
         "per_device_batch_size": n, "tokens_per_batch": tokens, "supervised_tokens": supervised,
+        "image_tokens": model.num_image_tokens, "adapters": adapters, "lora_r": LORA_R if adapters else None,
         "mixed_precision": cfg.mixed_precision, "optimizer": cfg.optimizer,
         "gradient_checkpointing": cfg.gradient_checkpointing, "parameter_dtypes": _dtypes(model),
         "trainable_parameters": sum(p.numel() for p in trainable),
@@ -191,19 +225,31 @@ def run(args: argparse.Namespace) -> dict:
     report["peak_tflops"] = peak
     steps = 1 if args.size == "tiny" else args.steps
     warmup = 1 if args.size == "tiny" else args.warmup
-    variants = [("stage1", 1, []), ("stage2", 2, [])]
-    # LoRA setup (llava_jp/train/lora.py) starts from a saved base model; this script builds random
-    # weights in place, so the LoRA step is not measured here yet
-    report["stage2_lora"] = {"skipped": "LoRA needs a saved base model (`model`); not wired into this script yet"}
-    for name, stage, overrides in variants:
+    failed = []
+    for name, (stage, adapters, pixel_shuffle) in VARIANTS.items():
         try:
-            report[name] = measure_stage(stage, args.size, device, warmup, steps, peak, overrides, deadline)
+            report[name] = measure_stage(stage, args.size, device, warmup, steps, peak, [], deadline,
+                                         adapters, pixel_shuffle)
         except torch.OutOfMemoryError as err:
             report[name] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
+            failed.append(name)
+        except Exception as err:  # one variant's failure (a library missing on the machine, ...) keeps the others
+            report[name] = {"error": f"{type(err).__name__}: {err}",
+                            "traceback": traceback.format_exc().splitlines()[-12:]}
+            failed.append(name)
+        gc.collect()  # a failed variant's model is freed before the next one is built
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         print(f"{name}: {json.dumps(report[name])}", file=sys.stderr, flush=True)
-    report["decode"] = measure_decode(args.size, device, 8 if args.size == "tiny" else args.new_tokens,
-                                      1 if args.size == "tiny" else 3)
+    try:
+        report["decode"] = measure_decode(args.size, device, 8 if args.size == "tiny" else args.new_tokens,
+                                          1 if args.size == "tiny" else 3)
+    except Exception as err:
+        report["decode"] = {"error": f"{type(err).__name__}: {err}",
+                            "traceback": traceback.format_exc().splitlines()[-12:]}
+        failed.append("decode")
     report["wall_s"] = time.perf_counter() - started
+    report["failed"] = failed
     return report
 
 
@@ -223,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report, ensure_ascii=False, indent=1)
     Path(args.out).write_text(text + "\n", encoding="utf-8")
     print(text)
-    return 0
+    return 1 if report["failed"] else 0
 
 
 if __name__ == "__main__":
