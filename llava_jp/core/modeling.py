@@ -28,8 +28,10 @@ _CACHE_NAMES = ("cache", "past_key_values")
 
 def _cache_of(output) -> object:
     for name in _CACHE_NAMES:
-        if name in output:
-            return output[name]
+        # dict's own lookup: `in` on a transformers >= 5.24 ModelOutput maps the old name onto the
+        # new one and logs a deprecation warning (for a training forward, which has no cache)
+        if dict.__contains__(output, name):
+            return dict.__getitem__(output, name)
     return None
 
 
