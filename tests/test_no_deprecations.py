@@ -56,3 +56,15 @@ def test_forward_training_step_and_generation_raise_no_deprecation_warning():
              if issubclass(w.category, (DeprecationWarning, FutureWarning))]
     found += [m for m in logged.messages if "deprecat" in m.lower()]
     assert found == []
+
+
+def test_forward_with_return_dict_false_gives_a_tuple():
+    """The LM's tuple output (what `return_dict=False` and vLLM's Transformers backend get) has no
+    named cache to look up: the forward still runs."""
+    torch.manual_seed(0)
+    model, processor = build("tiny", pretrained=False)
+    batch = processor(text=["何色？"], images=[RED])
+    with torch.no_grad():
+        out = model(**batch, return_dict=False, use_cache=False)
+        want = model(**batch, use_cache=False).logits
+    torch.testing.assert_close(out[0], want, rtol=0, atol=0)

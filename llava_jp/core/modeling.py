@@ -27,6 +27,8 @@ _CACHE_NAMES = ("cache", "past_key_values")
 
 
 def _cache_of(output) -> object:
+    if not isinstance(output, dict):  # a tuple (`return_dict=False`, vLLM's Transformers backend)
+        return None
     for name in _CACHE_NAMES:
         # dict's own lookup: `in` on a transformers >= 5.24 ModelOutput maps the old name onto the
         # new one and logs a deprecation warning (for a training forward, which has no cache)
