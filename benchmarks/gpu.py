@@ -38,6 +38,7 @@ import transformers
 from benchmarks.flops import SampleShape, peak_tflops, sample_flops
 from benchmarks.sizes import BENCH_IMAGE_TOKEN_ID, _sample, _tokens, bench_size, padded_batch
 from llava_jp.core.modeling import IGNORE_INDEX, LlavaJpForConditionalGeneration
+from llava_jp.files import write_text
 from llava_jp.presets.builder import BUILTIN_TOKENIZERS, build_config, load_preset, load_tokenizer
 from llava_jp.train.config import TrainConfig, load_config
 from llava_jp.train.optim import build_optimizer, prepare_for_training
@@ -211,6 +212,11 @@ def measure_decode(size: str, device: torch.device, new_tokens: int, repeats: in
             "end_to_end_tokens_per_s": new_tokens / total}
 
 
+def _failure(err: Exception) -> dict:
+    """What the report keeps of a measurement that raised (called inside its `except`)."""
+    return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc().splitlines()[-12:]}
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     started = time.perf_counter()
@@ -234,8 +240,7 @@ def run(args: argparse.Namespace) -> dict:
             report[name] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
             failed.append(name)
         except Exception as err:  # one variant's failure (a library missing on the machine, ...) keeps the others
-            report[name] = {"error": f"{type(err).__name__}: {err}",
-                            "traceback": traceback.format_exc().splitlines()[-12:]}
+            report[name] = _failure(err)
             failed.append(name)
         gc.collect()  # a failed variant's model is freed before the next one is built
         if device.type == "cuda":
@@ -245,8 +250,7 @@ def run(args: argparse.Namespace) -> dict:
         report["decode"] = measure_decode(args.size, device, 8 if args.size == "tiny" else args.new_tokens,
                                           1 if args.size == "tiny" else 3)
     except Exception as err:
-        report["decode"] = {"error": f"{type(err).__name__}: {err}",
-                            "traceback": traceback.format_exc().splitlines()[-12:]}
+        report["decode"] = _failure(err)
         failed.append("decode")
     report["wall_s"] = time.perf_counter() - started
     report["failed"] = failed
@@ -267,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report = run(args)
     text = json.dumps(report, ensure_ascii=False, indent=1)
-    Path(args.out).write_text(text + "\n", encoding="utf-8")
+    write_text(Path(args.out), text + "\n")
     print(text)
     return 1 if report["failed"] else 0
 

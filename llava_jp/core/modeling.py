@@ -134,13 +134,14 @@ class LlavaJpPreTrainedModel(PreTrainedModel):
             raise ValueError(f"image_token_id must be an in-vocabulary id, got {image_token_id}")
         if image_token_id >= self.get_input_embeddings().num_embeddings:
             self.resize_token_embeddings(image_token_id + 1, mean_resizing=True)
-        previous, self.config.image_token_id = self.config.image_token_id, image_token_id
-        generation, ours = self.generation_config, (previous, image_token_id)
+        ours = {self.config.image_token_id, image_token_id}  # the previous placeholder and the new one
+        self.config.image_token_id = image_token_id
+        generation = self.generation_config
         # `bad_words_ids` (a -inf bias built once), not `suppress_tokens`: transformers' suppress
         # processor rebuilds a vocabulary-sized mask at every token (~1.5% of a CPU decoding step)
         generation.suppress_tokens = [t for t in (generation.suppress_tokens or []) if t not in ours] or None
-        bad = [w for w in (generation.bad_words_ids or []) if w not in ([previous], [image_token_id])]
-        generation.bad_words_ids = bad + [[image_token_id]]
+        generation.bad_words_ids = [w for w in (generation.bad_words_ids or []) if not (len(w) == 1 and w[0] in ours)] \
+            + [[image_token_id]]
 
     def vision_tower_trainable(self) -> bool:
         return is_trainable(self.vision_tower, self.config.vision_feature_layer)
